@@ -1,0 +1,360 @@
+"""One stream's streaming state: audio window, endpointing, stabilisation.
+
+A ``StreamSession`` is sans-I/O (the style of websockets' ``protocol.py``):
+the adapter feeds it with ``receive_*`` calls and drains
+``requests_to_send()`` (decode work for the engine) and ``events_received()``
+(caption events for the sinks). It never blocks, never reads a clock and never
+touches a model, so a microphone, a file and a WebSocket client all drive the
+very same object, and tests drive it with plain lists.
+
+Per segment (DESIGN.md section 3): the window is ``[left context | segment]``;
+every ``chunk`` samples of new audio a partial decode is requested, forced
+with the tokens committed so far; LocalAgreement commits what consecutive
+hypotheses agree on; at an endpoint, at ``max_segment`` or at end of stream
+the segment is decoded once more (same forced prefix) and emitted as a final.
+At most one request per stream is in flight; a final is never dropped, a
+partial is simply not requested while the engine is busy (partials get
+sparser instead of queues growing).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from streamer.core.segmenter import Segmenter, SegmenterSettings, SpeechEnded, SpeechStarted
+from streamer.core.stabilizer import LocalAgreement
+from streamer.core.text import complete_utf8, render
+from streamer.core.window import AudioBuffer
+from streamer.types import FloatArray, Hypothesis
+
+RequestKind = Literal["partial", "final"]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    """Streaming parameters in samples (the adapter converts from config units)."""
+
+    sample_rate: int = 16000
+    chunk: int = 16000  # new audio between partial decodes
+    left_context: int = 0
+    max_segment: int = 15 * 16000
+    max_window: int = 30 * 16000
+    agreement_n: int = 2
+    max_tokens_per_second: float = 8.0
+    min_tokens: int = 8
+    prompt_max_tokens: int = 64
+    partials: bool = True  # False: finals only (offline transcription)
+    vad: bool = True  # False: every sample counts as speech
+    tail_pad: int = 3200  # silence kept after the last speech sample in a final's window
+    segmenter: SegmenterSettings = field(default_factory=SegmenterSettings)
+    lang: str | None = None
+
+    def max_new_tokens(self, window_samples: int, forced: int) -> int:
+        seconds = window_samples / self.sample_rate
+        cap = self.min_tokens + math.ceil(seconds * self.max_tokens_per_second)
+        return max(1, cap - forced)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRequest:
+    """Decode ``audio`` (samples ``[start, end)``) after ``prompt`` + ``forced`` tokens."""
+
+    stream: str
+    request_id: int
+    kind: RequestKind
+    segment: int
+    audio: FloatArray
+    start: int
+    end: int
+    prompt: tuple[int, ...]
+    forced: tuple[int, ...]
+    max_new_tokens: int
+    lang: str | None = None  # source language; None: the engine detects it
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeResult:
+    """The engine's answer: tokens generated after the forced prefix and their bytes."""
+
+    request_id: int
+    tokens: tuple[int, ...]
+    pieces: tuple[bytes, ...]
+    looped: bool = False
+    lang: str | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class _Segment:
+    index: int
+    start: int
+    agreement: LocalAgreement
+    ctx_start: int
+    last_decode_end: int
+    committed_pieces: list[bytes] = field(default_factory=list)
+    end: int | None = None  # last speech sample (exclusive) once closed
+    window_end: int | None = None  # end of the final decode's window
+    lang: str | None = None
+
+
+class StreamSession:
+    """Sans-I/O streaming state of one stream."""
+
+    def __init__(self, stream: str, settings: SessionSettings) -> None:
+        self.stream = stream
+        self.s = settings
+        self.buffer = AudioBuffer()
+        self.segmenter = Segmenter(settings.segmenter)
+        self._open: _Segment | None = None
+        self._closing: deque[_Segment] = deque()  # closed, waiting for their final
+        self._in_flight: tuple[DecodeRequest, _Segment] | None = None
+        self._requests: list[DecodeRequest] = []
+        self._events: list[Hypothesis] = []
+        self._next_request = 0
+        self._next_segment = 0
+        self._seq = 0
+        self._ended = False
+        self._history: deque[int] = deque(maxlen=max(settings.prompt_max_tokens, 1))
+        self._frame_remainder = 0  # samples not yet covered by synthetic VAD frames
+        self.failed_windows = 0
+
+    # ------------------------------------------------------------------ input
+    def receive_audio(self, samples: FloatArray) -> None:
+        """Append mono float32 audio at ``settings.sample_rate``."""
+        if self._ended:
+            raise RuntimeError("audio after end of stream")
+        self.buffer.append(samples)
+        if not self.s.vad:
+            self._frame_remainder += len(samples)
+            frames = self._frame_remainder // self.s.segmenter.frame_samples
+            self._frame_remainder -= frames * self.s.segmenter.frame_samples
+            self._feed_probs([1.0] * frames)
+        self._schedule()
+
+    def receive_speech(self, probs: FloatArray | list[float]) -> None:
+        """Speech probabilities of the next frames (``segmenter.frame_samples`` each)."""
+        if not self.s.vad:
+            return
+        self._feed_probs(list(np.asarray(probs, dtype=np.float64)))
+        self._schedule()
+
+    def receive_end(self) -> None:
+        """End of stream: the open segment is closed and finalised."""
+        if self._ended:
+            return
+        self._ended = True
+        if self._open is not None:
+            self._close_open(self.buffer.end, self.buffer.end)
+        self._schedule()
+
+    def request_final(self) -> None:
+        """Finalise the current segment now (an explicit finalize request)."""
+        if self._open is not None:
+            self._cut_open()
+            self._schedule()
+
+    def receive_result(self, result: DecodeResult) -> None:
+        if self._in_flight is None or self._in_flight[0].request_id != result.request_id:
+            raise ValueError(f"unexpected result for request {result.request_id}")
+        req, seg = self._in_flight
+        self._in_flight = None
+        if result.lang:
+            seg.lang = result.lang
+        if result.error is not None:
+            self.failed_windows += 1
+        if req.kind == "partial":
+            if result.error is None:
+                self._apply_partial(seg, req, result)
+        else:
+            self._emit_final(seg, result)
+        self._schedule()
+
+    # ----------------------------------------------------------------- output
+    def requests_to_send(self) -> list[DecodeRequest]:
+        out, self._requests = self._requests, []
+        return out
+
+    def events_received(self) -> list[Hypothesis]:
+        out, self._events = self._events, []
+        return out
+
+    @property
+    def done(self) -> bool:
+        """Ended, and every segment's final has been emitted."""
+        return (
+            self._ended
+            and self._open is None
+            and not self._closing
+            and self._in_flight is None
+            and not self._requests
+        )
+
+    @property
+    def busy(self) -> bool:
+        return self._in_flight is not None
+
+    @property
+    def frontier(self) -> int:
+        """Samples whose speech/non-speech status is known."""
+        if self._ended:
+            return self.buffer.end
+        return min(self.segmenter.position, self.buffer.end)
+
+    # --------------------------------------------------------------- internals
+    def _feed_probs(self, probs: list[float]) -> None:
+        for ev in self.segmenter.feed(probs):
+            if isinstance(ev, SpeechStarted):
+                self._start_segment(ev.start)
+            elif isinstance(ev, SpeechEnded) and self._open is not None:
+                window_end = min(ev.end + self.s.tail_pad, ev.silence_end, self.buffer.end)
+                self._close_open(ev.end, window_end)
+        self._enforce_max_segment()
+
+    def _start_segment(self, start: int) -> None:
+        start = max(start, self.buffer.start)
+        ctx = max(start - self.s.left_context, self.buffer.start)
+        seg = _Segment(
+            index=self._next_segment,
+            start=start,
+            agreement=LocalAgreement(self.s.agreement_n),
+            ctx_start=ctx,
+            last_decode_end=start,
+            lang=self.s.lang,
+        )
+        self._next_segment += 1
+        self._open = seg
+
+    def _close_open(self, end: int, window_end: int) -> None:
+        seg = self._open
+        assert seg is not None
+        self._open = None
+        seg.end = max(end, seg.start)
+        # Never shrink below audio whose tokens may already be committed.
+        seg.window_end = max(window_end, seg.end, seg.last_decode_end)
+        self.segmenter.set_floor(seg.window_end)
+        self._closing.append(seg)
+
+    def _cut_open(self) -> None:
+        """Close the open segment at the frontier; speech that goes on is a new segment."""
+        at = self.frontier
+        self._close_open(at, at)
+        self.segmenter.cut(at)
+        if self.segmenter.in_segment and not self._ended:
+            self._start_segment(at)
+
+    def _enforce_max_segment(self) -> None:
+        seg = self._open
+        if seg is not None and self.frontier - seg.start >= self.s.max_segment:
+            self._cut_open()
+
+    def _window(self, seg: _Segment, end: int) -> tuple[int, int]:
+        start = max(seg.ctx_start, end - self.s.max_window, self.buffer.start)
+        return start, end
+
+    def _make_request(self, seg: _Segment, kind: RequestKind, end: int) -> DecodeRequest:
+        start, end = self._window(seg, end)
+        forced = seg.agreement.committed
+        req = DecodeRequest(
+            stream=self.stream,
+            request_id=self._next_request,
+            kind=kind,
+            segment=seg.index,
+            audio=self.buffer.slice(start, end),
+            start=start,
+            end=end,
+            prompt=tuple(self._history) if self.s.prompt_max_tokens > 0 else (),
+            forced=forced,
+            max_new_tokens=self.s.max_new_tokens(end - start, len(forced)),
+            lang=seg.lang,
+        )
+        self._next_request += 1
+        self._in_flight = (req, seg)
+        self._requests.append(req)
+        return req
+
+    def _schedule(self) -> None:
+        if self._in_flight is None:
+            if self._closing:
+                seg = self._closing[0]
+                assert seg.window_end is not None
+                self._make_request(seg, "final", seg.window_end)
+            elif (
+                self._open is not None
+                and self.s.partials
+                and self.frontier - self._open.last_decode_end >= self.s.chunk
+            ):
+                self._open.last_decode_end = self.frontier
+                self._make_request(self._open, "partial", self.frontier)
+        self._trim()
+
+    def _trim(self) -> None:
+        segs = list(self._closing)
+        if self._open is not None:
+            segs.append(self._open)
+        if segs:
+            keep = min(s.ctx_start for s in segs)
+        else:
+            s = self.s
+            reach = s.left_context + s.segmenter.pre_roll + s.segmenter.min_speech
+            keep = self.frontier - reach - 2 * s.segmenter.frame_samples
+        self.buffer.trim(keep)
+
+    def _apply_partial(self, seg: _Segment, req: DecodeRequest, result: DecodeResult) -> None:
+        if seg is not self._open:
+            return  # the segment closed meanwhile: its final supersedes this partial
+        if len(result.pieces) != len(result.tokens):
+            raise ValueError("a result needs one byte piece per token")
+        newly = seg.agreement.update(result.tokens)
+        seg.committed_pieces.extend(result.pieces[: len(newly)])
+        tentative = b"".join(result.pieces[len(newly) :])
+        committed_text, tentative_text = render(b"".join(seg.committed_pieces), tentative)
+        text = committed_text + tentative_text
+        if not text.strip():
+            return
+        self._events.append(
+            Hypothesis(
+                kind="partial",
+                stream=self.stream,
+                segment=seg.index,
+                seq=self._next_seq(),
+                text=text,
+                committed=committed_text,
+                tentative=tentative_text,
+                start=seg.start / self.s.sample_rate,
+                end=req.end / self.s.sample_rate,
+                lang=seg.lang,
+            )
+        )
+
+    def _emit_final(self, seg: _Segment, result: DecodeResult) -> None:
+        popped = self._closing.popleft()
+        assert popped is seg
+        pieces = seg.committed_pieces + ([] if result.error else list(result.pieces))
+        tokens = list(seg.agreement.committed) + ([] if result.error else list(result.tokens))
+        text, _ = complete_utf8(b"".join(pieces))
+        text = text.strip()
+        self._history.extend(tokens)
+        if not text:
+            return
+        assert seg.end is not None
+        self._events.append(
+            Hypothesis(
+                kind="final",
+                stream=self.stream,
+                segment=seg.index,
+                seq=self._next_seq(),
+                text=text,
+                start=seg.start / self.s.sample_rate,
+                end=seg.end / self.s.sample_rate,
+                lang=seg.lang,
+            )
+        )
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq

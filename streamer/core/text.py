@@ -1,0 +1,37 @@
+"""Turning token bytes into text that never ends in a broken character.
+
+Byte-level tokenizers (Whisper, GPT-2) can split one UTF-8 character over two
+tokens; text only leaves the core at complete characters.
+"""
+
+from __future__ import annotations
+
+import codecs
+
+
+def complete_utf8(data: bytes) -> tuple[str, int]:
+    """Decode the complete characters of ``data``: (text, bytes consumed).
+
+    Invalid bytes in the middle become U+FFFD; an incomplete character at the
+    end is left unconsumed.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text = decoder.decode(data, final=False)
+    pending, _ = decoder.getstate()
+    return text, len(data) - len(pending)
+
+
+def render(committed: bytes, tentative: bytes) -> tuple[str, str]:
+    """Display text of a partial: (committed, tentative), leading space removed.
+
+    The committed string only covers complete characters of the committed
+    bytes, so it grows append-only as more tokens are committed.
+    """
+    committed_text, used = complete_utf8(committed)
+    full, _ = complete_utf8(committed + tentative)
+    full = full.lstrip()
+    committed_text = committed_text.lstrip()
+    if not full.startswith(committed_text):  # pragma: no cover - guarded by construction
+        committed_text = ""
+    del used
+    return committed_text, full[len(committed_text) :]

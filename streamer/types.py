@@ -1,0 +1,75 @@
+"""Value types shared by every layer (plain data, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float32]
+EventKind = Literal["partial", "final"]
+WIRE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class AudioBlock:
+    """Mono float32 audio at the model's rate, stamped with its absolute position.
+
+    ``start`` is the index of the first sample in the stream (samples are the
+    clock); ``arrival`` is an optional monotonic wall time stamped by the
+    adapter that received the block, used only for latency figures.
+    """
+
+    stream: str
+    start: int
+    samples: FloatArray
+    sample_rate: int
+    arrival: float | None = None
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.samples)
+
+
+@dataclass(frozen=True, slots=True)
+class Hypothesis:
+    """A caption event: a partial (may change) or a final (never changes).
+
+    ``start``/``end`` are seconds of stream audio; ``committed`` is append-only
+    within a segment and ``tentative`` is the unstable tail (empty in finals).
+    """
+
+    kind: EventKind
+    stream: str
+    segment: int
+    seq: int
+    text: str
+    start: float
+    end: float
+    committed: str = ""
+    tentative: str = ""
+    lang: str | None = None
+    latency_ms: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object of DESIGN.md section 4 (one schema for every sink)."""
+        out: dict[str, Any] = {
+            "v": WIRE_VERSION,
+            "type": self.kind,
+            "stream": self.stream,
+            "segment": self.segment,
+            "seq": self.seq,
+            "text": self.text,
+        }
+        if self.kind == "partial":
+            out["committed"] = self.committed
+            out["tentative"] = self.tentative
+        out["start"] = round(self.start, 3)
+        out["end"] = round(self.end, 3)
+        out["lang"] = self.lang
+        out["latency_ms"] = None if self.latency_ms is None else round(self.latency_ms, 1)
+        out.update(self.extra)
+        return out

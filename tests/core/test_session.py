@@ -1,0 +1,244 @@
+"""The sans-I/O session driven by plain lists and a scripted 'model'."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamer.core.segmenter import SegmenterSettings
+from streamer.core.session import DecodeRequest, DecodeResult, SessionSettings, StreamSession
+
+SR = 1600  # a small rate keeps the arrays tiny; the core only counts samples
+BLOCK = 160  # one "word" per 0.1 s of speech
+
+
+def settings_(**kw):
+    base = dict(
+        sample_rate=SR,
+        chunk=SR // 2,
+        max_segment=6 * SR,
+        max_window=10 * SR,
+        agreement_n=2,
+        tail_pad=SR // 10,
+        segmenter=SegmenterSettings(
+            frame_samples=80, threshold=0.5, min_speech=160, endpoint_silence=800, pre_roll=160
+        ),
+    )
+    base.update(kw)
+    return SessionSettings(**base)
+
+
+def fake_model(req: DecodeRequest) -> DecodeResult:
+    """Token = absolute index of each 0.1 s block of loud audio in the window."""
+    first = -(-req.start // BLOCK)
+    toks = []
+    for b in range(first, req.end // BLOCK):
+        chunk = req.audio[b * BLOCK - req.start : (b + 1) * BLOCK - req.start]
+        if np.abs(chunk).mean() > 0.1:
+            toks.append(b)
+    new = toks[len(req.forced) :] if tuple(toks[: len(req.forced)]) == req.forced else toks
+    new = new[: req.max_new_tokens]
+    return DecodeResult(req.request_id, tuple(new), tuple(f" w{t}".encode() for t in new))
+
+
+def speech(seconds):
+    return np.full(round(seconds * SR), 0.5, dtype=np.float32)
+
+
+def silence(seconds):
+    return np.zeros(round(seconds * SR), dtype=np.float32)
+
+
+def probs(audio, frame=80):
+    n = len(audio) // frame
+    return [float(np.abs(audio[i * frame : (i + 1) * frame]).mean() > 0.1) for i in range(n)]
+
+
+class Framer:
+    """Frames audio like the real VAD adapters do (remainders carried over)."""
+
+    def __init__(self, frame=80):
+        self.frame = frame
+        self.rest = np.zeros(0, dtype=np.float32)
+
+    def __call__(self, chunk):
+        data = np.concatenate([self.rest, chunk])
+        n = len(data) // self.frame
+        self.rest = data[n * self.frame :]
+        return probs(data[: n * self.frame], self.frame)
+
+
+def drive(session, audio, block=160, engine=fake_model, end=True, framer=None):
+    events, requests = [], []
+    framer = framer or Framer()
+
+    def pump():
+        while True:
+            reqs = session.requests_to_send()
+            if not reqs:
+                break
+            for r in reqs:
+                requests.append(r)
+                session.receive_result(engine(r))
+        events.extend(session.events_received())
+
+    for i in range(0, len(audio), block):
+        chunk = audio[i : i + block]
+        session.receive_audio(chunk)
+        session.receive_speech(framer(chunk))
+        pump()
+    if end:
+        session.receive_end()
+        pump()
+    return events, requests
+
+
+def test_silence_produces_no_requests_and_no_events():
+    s = StreamSession("a", settings_())
+    events, requests = drive(s, silence(5))
+    assert events == [] and requests == []
+    assert s.done
+    assert len(s.buffer) < SR  # silence is not hoarded
+
+
+def test_one_utterance_gives_partials_then_one_final():
+    s = StreamSession("a", settings_())
+    events, requests = drive(s, np.concatenate([silence(1), speech(2), silence(1)]))
+    kinds = [e.kind for e in events]
+    assert kinds[-1] == "final" and kinds.count("final") == 1
+    assert "partial" in kinds
+    final = events[-1]
+    assert final.text == " ".join(f"w{b}" for b in range(10, 30))
+    assert abs(final.start - 0.9) < 1e-9  # pre-roll of 0.1 s
+    assert abs(final.end - 3.0) < 0.06
+    seqs = [e.seq for e in events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    # every partial's committed text is a prefix of the final
+    for e in events[:-1]:
+        assert final.text.startswith(e.committed)
+        assert e.text == e.committed + e.tentative
+    assert s.done
+
+
+def test_final_is_forced_with_committed_tokens():
+    s = StreamSession("a", settings_())
+    _, requests = drive(s, np.concatenate([speech(3), silence(1)]))
+    finals = [r for r in requests if r.kind == "final"]
+    assert len(finals) == 1 and len(finals[0].forced) > 0
+
+
+def test_two_utterances_two_segments_and_prompt_carries_history():
+    s = StreamSession("a", settings_())
+    audio = np.concatenate([speech(1), silence(1), speech(1), silence(1)])
+    events, requests = drive(s, audio)
+    finals = [e for e in events if e.kind == "final"]
+    assert [f.segment for f in finals] == [0, 1]
+    second = [r for r in requests if r.segment == 1]
+    assert second[0].prompt[-1] == 9  # history ends with the last token of segment 0
+    assert finals[1].start >= finals[0].end
+
+
+def test_max_segment_cuts_long_speech():
+    s = StreamSession("a", settings_(max_segment=2 * SR))
+    events, requests = drive(s, np.concatenate([speech(5), silence(1)]))
+    finals = [e for e in events if e.kind == "final"]
+    assert len(finals) == 3
+    assert all(r.end - r.start <= 2 * SR + 160 for r in requests)
+    words = " ".join(f.text for f in finals).split()
+    assert words == [f"w{b}" for b in range(50)]
+
+
+def test_end_of_stream_finalises_open_segment():
+    s = StreamSession("a", settings_())
+    events, _ = drive(s, speech(1.5))
+    assert events[-1].kind == "final"
+    assert events[-1].text.split() == [f"w{b}" for b in range(15)]
+
+
+def test_request_final_closes_segment_now():
+    s = StreamSession("a", settings_())
+    _, _ = drive(s, speech(1.0), end=False)
+    s.request_final()
+    req = s.requests_to_send()
+    assert len(req) == 1 and req[0].kind == "final"
+    s.receive_result(fake_model(req[0]))
+    evs = s.events_received()
+    assert evs[-1].kind == "final"
+
+
+def test_one_request_in_flight_and_finals_queue():
+    s = StreamSession("a", settings_())
+    s.receive_audio(speech(1))
+    s.receive_speech(probs(speech(1)))
+    first = s.requests_to_send()
+    assert len(first) == 1
+    # more speech and an endpoint while the engine is busy: nothing new is sent
+    more = np.concatenate([speech(1), silence(1)])
+    s.receive_audio(more)
+    s.receive_speech(probs(more))
+    assert s.requests_to_send() == []
+    s.receive_result(fake_model(first[0]))
+    nxt = s.requests_to_send()
+    assert [r.kind for r in nxt] == ["final"]
+
+
+def test_engine_error_on_final_still_emits_committed_text():
+    s = StreamSession("a", settings_())
+    _, _ = drive(s, speech(2), end=False)
+    s.receive_end()
+    req = s.requests_to_send()[0]
+    s.receive_result(DecodeResult(req.request_id, (), (), error="out of memory"))
+    evs = s.events_received()
+    assert evs and evs[-1].kind == "final" and s.failed_windows == 1
+    assert s.done
+
+
+def test_utf8_split_across_tokens_never_leaks_broken_characters():
+    e_acute = "é".encode()
+
+    def model(req):
+        pieces = (b" caf", e_acute[:1], e_acute[1:])
+        n = len(req.forced)
+        return DecodeResult(req.request_id, tuple(range(n, 3)), pieces[n:])
+
+    s = StreamSession("a", settings_(agreement_n=1))
+    events, _ = drive(s, np.concatenate([speech(2), silence(1)]), engine=model)
+    for e in events:
+        assert "\ufffd" not in e.text and "\ufffd" not in e.committed
+    assert events[-1].text == "café"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.tuples(st.booleans(), st.floats(0.05, 3.0)), min_size=1, max_size=8),
+    st.integers(1, 3),
+    st.integers(40, 700),
+    st.booleans(),
+)
+def test_properties_any_speech_pattern(pattern, n, block, aligned):
+    s = StreamSession("a", settings_(agreement_n=n))
+    audio = np.concatenate([speech(d) if loud else silence(d) for loud, d in pattern])
+    framer = Framer() if aligned else (lambda chunk: probs(chunk))  # misaligned VAD frames too
+    events, requests = drive(s, audio, block=block, framer=framer)
+    assert s.done
+    # windows lie inside the stream and are bounded
+    for r in requests:
+        assert 0 <= r.start < r.end <= len(audio)
+        assert r.end - r.start <= s.s.max_window
+        assert len(r.audio) == r.end - r.start
+    # committed text is append-only within a segment, finals come once per segment
+    last_committed: dict[int, str] = {}
+    finals = {}
+    for e in events:
+        if e.kind == "partial":
+            assert e.segment not in finals
+            prev = last_committed.get(e.segment, "")
+            assert e.committed.startswith(prev)
+            last_committed[e.segment] = e.committed
+        else:
+            assert e.segment not in finals
+            finals[e.segment] = e.text
+            assert e.text.startswith(last_committed.get(e.segment, ""))
+    # every loud block that belongs to a segment ends up in exactly one final
+    final_words = " ".join(finals[k] for k in sorted(finals)).split()
+    assert len(final_words) == len(set(final_words))
+    assert final_words == sorted(final_words, key=lambda w: int(w[1:]))
