@@ -1,0 +1,91 @@
+"""Voice-activity detection: per-frame speech probabilities for the core.
+
+Silero VAD (the ``silero-vad`` package ships its model) scores 512-sample
+frames at 16 kHz; an RMS-energy detector is the dependency-light fallback.
+Both are stateful per stream, buffer the samples that do not fill a frame,
+and are called off the event loop (``asyncio.to_thread``): the core receives
+the probabilities as plain data.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+import numpy as np
+
+from streamer.types import FloatArray
+
+FRAME_SAMPLES = 512  # at 16 kHz: 32 ms
+_silero_lock = threading.Lock()
+
+
+class FrameVad(Protocol):
+    frame_samples: int
+
+    def process(self, samples: FloatArray) -> FloatArray:
+        """Probabilities for every frame completed by ``samples``."""
+        ...
+
+
+class _Framer:
+    def __init__(self, frame_samples: int) -> None:
+        self.frame_samples = frame_samples
+        self._rest = np.zeros(0, dtype=np.float32)
+
+    def frames(self, samples: FloatArray) -> FloatArray:
+        data = np.concatenate([self._rest, np.asarray(samples, dtype=np.float32)])
+        n = len(data) // self.frame_samples
+        self._rest = data[n * self.frame_samples :]
+        return data[: n * self.frame_samples].reshape(n, self.frame_samples)
+
+
+class SileroVad:
+    """Silero VAD v5/v6 (JIT) with its recurrent state kept per stream."""
+
+    def __init__(self, sample_rate: int = 16000) -> None:
+        if sample_rate != 16000:
+            raise ValueError("Silero VAD runs on 16 kHz audio here")
+        import torch
+        from silero_vad import load_silero_vad
+
+        self._torch = torch
+        with _silero_lock:  # torch.jit loading is not re-entrant-safe
+            self._model = load_silero_vad()
+        self.frame_samples = FRAME_SAMPLES
+        self._framer = _Framer(FRAME_SAMPLES)
+
+    def process(self, samples: FloatArray) -> FloatArray:
+        frames = self._framer.frames(samples)
+        torch = self._torch
+        out = np.empty(len(frames), dtype=np.float32)
+        with torch.inference_mode():
+            for i, frame in enumerate(frames):
+                out[i] = float(self._model(torch.from_numpy(frame.copy()), 16000).item())
+        return out
+
+
+class EnergyVad:
+    """Speech probability from frame RMS: 0 at ``floor_db``, 1 at ``floor_db + 20`` dB."""
+
+    def __init__(self, frame_samples: int = FRAME_SAMPLES, floor_db: float = -45.0) -> None:
+        self.frame_samples = frame_samples
+        self.floor_db = floor_db
+        self._framer = _Framer(frame_samples)
+
+    def process(self, samples: FloatArray) -> FloatArray:
+        frames = self._framer.frames(samples)
+        if not len(frames):
+            return np.zeros(0, dtype=np.float32)
+        rms = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1) + 1e-12)
+        db = 20 * np.log10(rms)
+        probs: FloatArray = np.clip((db - self.floor_db) / 20.0, 0.0, 1.0).astype(np.float32)
+        return probs
+
+
+def make_vad(backend: str, sample_rate: int) -> FrameVad:
+    if backend == "silero":
+        return SileroVad(sample_rate)
+    if backend == "energy":
+        return EnergyVad()
+    raise ValueError(f"unknown VAD backend {backend!r}")

@@ -1,0 +1,649 @@
+"""Configuration: frozen dataclasses per section, loaded from layered TOML.
+
+Every key has a default, so no file at all is a complete configuration. Files
+merge in order, key by key (later wins); ``[[sources]]`` is replaced as a whole
+by the last file that has it (``sources = []``: none). ``--set section.key=v``
+and ``--set sources[N].key=v`` come last. Relative paths (source ``path``,
+``jsonl.path``, ``model.cache_dir``; ``model.id`` when it starts with ``./``,
+``../`` or ``~``) resolve against the directory of the file that set them
+(the working directory for ``--set``). Mistakes raise a ``ConfigError`` naming
+file, key and reason, with a "did you mean" hint: a daemon that silently
+ignores a misspelt key is worse than one that refuses to start.
+
+Sources are one ``SourceConfig`` class with the keys of both types; keys of the
+other type keep their defaults and are ignored, and setting one is an error.
+Each field's rules (bounds, choices, aliases, pattern, path, source type) live
+in its ``metadata``, next to its default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import operator
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from streamer.errors import ConfigError
+
+_T = TypeVar("_T")
+
+_DATA_DIR = Path(__file__).resolve().parent / "data" / "audio"
+BUILTIN_AUDIO: Mapping[str, str] = {"builtin:demo": "demo_fr.ogg"}
+"""Bundled clips a file source may name instead of a path."""
+
+_FILE = ("file",)
+_MIC = ("microphone",)
+_LANG = r"[a-z]{2,3}"
+
+
+def _f(default: _T, **rules: Any) -> _T:
+    """A dataclass field whose validation rules travel in its metadata."""
+    return field(default=default, metadata=rules)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Which checkpoint runs, where, and what it is asked to do."""
+
+    id: str = _f("builtin:whisper-base", nonempty=True, model_path=True)
+    device: str = _f("auto", pattern=r"auto|cpu|cuda(:\d+)?", lower=True)
+    dtype: str = _f(
+        "auto",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        aliases={"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"},
+    )
+    source_language: str = _f("fr", pattern=f"auto|{_LANG}", lower=True)
+    target_language: str = _f("en", pattern=_LANG, lower=True)
+    task: str = _f("auto", choices=("auto", "transcribe", "translate"))
+    num_beams: int = _f(1, min=1)
+    cache_dir: str = _f("", path=True)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamingConfig:
+    """Sliding window, endpointing and stabiliser settings of every stream."""
+
+    chunk_ms: int = _f(1000, min=100)
+    left_context_s: float = _f(0.0, min=0.0)
+    max_segment_s: float = _f(15.0, gt=0.0)
+    max_window_s: float = _f(30.0, gt=0.0)
+    endpoint_silence_ms: int = _f(600, min=100)
+    agreement_n: int = _f(2, min=1)
+    max_tokens_per_second: float = _f(8.0, gt=0.0)
+    min_tokens: int = _f(8, min=1)
+    prompt_max_tokens: int = _f(64, min=0)
+    whisper_input: str = _f("padded", choices=("padded", "trimmed"))
+
+
+@dataclass(frozen=True, slots=True)
+class VadConfig:
+    """Voice activity detection, which drives endpointing."""
+
+    enabled: bool = _f(True)
+    backend: str = _f("silero", choices=("silero", "energy"))
+    threshold: float = _f(0.5, gt=0.0, lt=1.0)
+    min_speech_ms: int = _f(250, min=0)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceConfig:
+    """One audio source; the defaults are the default source (the demo clip)."""
+
+    type: str = _f("file", choices=("file", "microphone"), aliases={"mic": "microphone"})
+    stream: str = _f("demo", pattern=r"[A-Za-z0-9_.-]{1,64}")
+    path: str = _f("builtin:demo", nonempty=True, path=True, kinds=_FILE)
+    pace: str = _f("realtime", choices=("realtime", "fast"), kinds=_FILE)
+    device: str = _f("", int_as_str=True, kinds=_MIC)
+    sample_rate: int = _f(0, min=0, kinds=_MIC)
+    channels: int = _f(1, min=1, kinds=_MIC)
+    block_ms: int = _f(100, min=1)
+    required: bool = _f(True, kinds=_MIC)
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketConfig:
+    """The caption/audio WebSocket server (also serves the page and probes)."""
+
+    enabled: bool = _f(True)
+    host: str = _f("127.0.0.1", pattern=r"\S+")
+    port: int = _f(8765, min=0, max=65535)
+    max_subscribers: int = _f(64, min=1)
+    queue_finals: int = _f(256, min=1)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleConfig:
+    """Human-readable captions on stdout."""
+
+    enabled: bool = _f(True)
+    partials: bool = _f(True)
+
+
+@dataclass(frozen=True, slots=True)
+class JsonlConfig:
+    """One JSON event per line, for pipes and archives."""
+
+    path: str = _f("", path=True)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """Log verbosity and format (journal: systemd priority prefixes)."""
+
+    level: str = _f(
+        "info", choices=("debug", "info", "warning", "error"), aliases={"warn": "warning"}
+    )
+    format: str = _f("auto", choices=("auto", "human", "journal", "json"))
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """Process lifetime."""
+
+    keep_serving: bool = _f(False)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole effective configuration; ``Config()`` is the embedded default."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    vad: VadConfig = field(default_factory=VadConfig)
+    sources: tuple[SourceConfig, ...] = field(default_factory=lambda: (SourceConfig(),))
+    websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
+    jsonl: JsonlConfig = field(default_factory=JsonlConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    f.name: typing.get_type_hints(Config)[f.name]
+    for f in dataclasses.fields(Config)
+    if f.name != "sources"
+}
+_TOP_LEVEL = [f.name for f in dataclasses.fields(Config)]
+
+
+def _field_table(cls: type[Any]) -> dict[str, tuple[dataclasses.Field[Any], type[Any]]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+_FIELDS = {cls: _field_table(cls) for cls in (*_SECTIONS.values(), SourceConfig)}
+
+
+def default_config() -> Config:
+    """The embedded default: demo model, bundled clip, WebSocket on localhost."""
+    return Config()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def resolve_audio_path(value: str) -> Path:
+    """Map a source ``path`` to a file: ``builtin:NAME`` to the bundled clip."""
+    if value.startswith("builtin:"):
+        name = BUILTIN_AUDIO.get(value)
+        if name is None:
+            known = ", ".join(BUILTIN_AUDIO)
+            raise ConfigError(
+                f"unknown builtin audio {value!r}{_hint(value, BUILTIN_AUDIO)} (known: {known})"
+            )
+        return _DATA_DIR / name
+    return Path(value).expanduser()
+
+
+def resolve_cache_dir(cache_dir: str = "") -> Path:
+    """The model cache folder: the configured one, else STREAMER_CACHE_DIR,
+    systemd's CACHE_DIRECTORY, then ``$XDG_CACHE_HOME/streamer``."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if env := os.environ.get("STREAMER_CACHE_DIR"):
+        return Path(env).expanduser()
+    if env := os.environ.get("CACHE_DIRECTORY"):
+        return Path(env.split(":")[0])
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "streamer"
+
+
+def _hint(name: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+_TYPE_NAMES = {bool: "boolean", int: "integer", float: "float", str: "string"}
+
+
+def _got(value: object) -> str:
+    """A value as TOML writes it, and its TOML type, for error messages."""
+    kinds = {list: "array", dict: "table", **_TYPE_NAMES}
+    shown = _toml_scalar(value) if isinstance(value, bool | int | float | str) else repr(value)
+    return f"{shown} ({kinds.get(type(value), type(value).__name__)})"
+
+
+def _err(reason: str, origin: _Origin, key: str | None = None) -> ConfigError:
+    return ConfigError(reason, file=origin.label, key=key)
+
+
+# ---------------------------------------------------------------- layers
+
+
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    """Where a raw value came from: file label (None = default), base dir, layer."""
+
+    label: str | None
+    base: Path
+    layer: int
+
+
+_Value = tuple[Any, _Origin]
+
+
+@dataclass(slots=True)
+class _RawSource:
+    origin: _Origin
+    values: dict[str, _Value]
+
+
+@dataclass(slots=True)
+class _Raw:
+    """Merged, not yet validated values, each with its origin."""
+
+    sections: dict[str, dict[str, _Value]] = field(
+        default_factory=lambda: {name: {} for name in _SECTIONS}
+    )
+    sources: list[_RawSource] | None = None
+
+
+def _read_toml(path: Path, label: str) -> dict[str, Any]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror or exc}", file=label) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text: {exc}", file=label) from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML: {exc}", file=label) from exc
+
+
+def _merge_document(raw: _Raw, doc: Mapping[str, Any], origin: _Origin) -> None:
+    """Fold one parsed file into ``raw``; structural errors name the file."""
+    for name, value in doc.items():
+        if name == "sources":
+            raw.sources = _raw_sources(value, origin)
+        elif name in _SECTIONS:
+            if not isinstance(value, dict):
+                raise _err(f"expected a table [{name}], got {_got(value)}", origin, name)
+            fields = _FIELDS[_SECTIONS[name]]
+            for key, item in value.items():
+                if key not in fields:
+                    raise _unknown_key(name, key, fields, origin, f"{name}.{key}")
+                raw.sections[name][key] = (item, origin)
+        else:
+            raise _unknown_section(name, origin)
+
+
+def _raw_sources(value: object, origin: _Origin) -> list[_RawSource]:
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise _err(f"expected an array of tables [[sources]], got {_got(value)}", origin, "sources")
+    fields = _FIELDS[SourceConfig]
+    result = []
+    for index, table in enumerate(value):
+        for key in table:
+            if key not in fields:
+                raise _unknown_key("[[sources]]", key, fields, origin, f"sources[{index}].{key}")
+        result.append(_RawSource(origin, {k: (v, origin) for k, v in table.items()}))
+    return result
+
+
+def _unknown_key(where: str, key: str, known: Iterable[str], at: _Origin, full: str) -> ConfigError:
+    known = list(known)
+    hint = _hint(key, known) or f" (known keys: {', '.join(known)})"
+    where = where if where.startswith("[") else f"[{where}]"
+    return _err(f"unknown key {key!r} in {where}{hint}", at, full)
+
+
+def _unknown_section(name: str, at: _Origin) -> ConfigError:
+    hint = _hint(name, _TOP_LEVEL)
+    if not hint:
+        owners = [s for s, cls in _SECTIONS.items() if name in _FIELDS[cls]]
+        if owners:
+            hint = f"; keys belong in a section: did you mean '{owners[0]}.{name}'?"
+        else:
+            hint = f" (known sections: {', '.join(_TOP_LEVEL)})"
+    return _err(f"unknown section {name!r}{hint}", at, name)
+
+
+_INDEXED = re.compile(r"\[(\d+)\]")
+
+
+def _parse_scalar(text: str) -> object:
+    """A ``--set`` value: a TOML scalar if it parses as one, else the text."""
+    text = text.strip()
+    try:
+        doc = tomllib.loads(f"v = {text}")
+    except tomllib.TOMLDecodeError:
+        return text
+    value = doc.get("v")
+    if len(doc) != 1 or not isinstance(value, bool | int | float | str):
+        return text
+    return value
+
+
+def _apply_override(raw: _Raw, text: str, origin: _Origin) -> None:
+    """Apply one ``section.key=value`` (or ``sources[N].key=value``)."""
+    lhs, eq, rhs = text.partition("=")
+    dotted = _INDEXED.sub(r".\1", lhs.strip())
+    parts = dotted.split(".")
+    if not eq or not all(parts):
+        raise _err(f"expected section.key=value or sources[N].key=value, got {text!r}", origin)
+    if parts[0] == "sources":
+        if len(parts) != 3 or not parts[1].isdigit():
+            raise _err(f"expected sources[N].key=value, got {text!r}", origin)
+        index, key = int(parts[1]), parts[2]
+        fields = _FIELDS[SourceConfig]
+        full = f"sources[{index}].{key}"
+        if key not in fields:
+            raise _unknown_key("[[sources]]", key, fields, origin, full)
+        if raw.sources is None:
+            raw.sources = [_default_raw_source()]
+        if index >= len(raw.sources):
+            raise _err(f"no such source: {len(raw.sources)} configured", origin, full)
+        target = raw.sources[index].values
+    else:
+        if parts[0] not in _SECTIONS:
+            raise _unknown_section(parts[0], origin)
+        if len(parts) != 2:
+            raise _err(f"expected section.key=value, got {text!r}", origin)
+        key = parts[1]
+        fields = _FIELDS[_SECTIONS[parts[0]]]
+        if key not in fields:
+            raise _unknown_key(parts[0], key, fields, origin, dotted)
+        target = raw.sections[parts[0]]
+    value = _parse_scalar(rhs)
+    if fields[key][1] is str and not isinstance(value, str):
+        value = rhs.strip()  # e.g. model.id=1234 or jsonl.path=2024-01-01
+    target[key] = (value, origin)
+
+
+def _default_raw_source() -> _RawSource:
+    origin = _Origin(None, Path.cwd(), -1)
+    default = SourceConfig()
+    values = {k: (getattr(default, k), origin) for k in ("type", "stream", "path")}
+    return _RawSource(origin, values)
+
+
+# ---------------------------------------------------------------- coercion
+
+_BOUNDS = (
+    ("min", ">=", operator.ge),
+    ("max", "<=", operator.le),
+    ("gt", ">", operator.gt),
+    ("lt", "<", operator.lt),
+)
+
+
+def _coerce(
+    f: dataclasses.Field[Any], typ: type[Any], value: Any, origin: _Origin, key: str
+) -> Any:
+    """Check one value against its field's type and rules; return it normalised."""
+    rules = f.metadata
+
+    def fail(reason: str) -> ConfigError:
+        return _err(reason, origin, key)
+
+    expected = _TYPE_NAMES[typ]
+    got = f"got {_got(value)}"
+    if typ is str and rules.get("int_as_str") and type(value) is int:
+        value = str(value)
+    if typ is float and type(value) is int:
+        value = float(value)
+    if type(value) is not typ:
+        raise fail(f"expected {expected}, {got}")
+    if typ is float and not math.isfinite(value):
+        raise fail(f"expected a finite number, {got}")
+    for rule, sign, ok in _BOUNDS:
+        if rule in rules and not ok(value, rules[rule]):
+            raise fail(f"must be {sign} {rules[rule]}, {got}")
+    if "choices" in rules:
+        choices: tuple[str, ...] = rules["choices"]
+        word = value.strip().lower()
+        word = rules.get("aliases", {}).get(word, word)
+        if word not in choices:
+            raise fail(f"expected one of {', '.join(choices)}; {got}{_hint(word, choices)}")
+        value = word
+    if rules.get("lower"):
+        value = value.strip().lower()
+    if "pattern" in rules and not re.fullmatch(rules["pattern"], value):
+        raise fail(f"must match {rules['pattern']}, {got}")
+    if rules.get("nonempty") and not value.strip():
+        raise fail(f"must not be empty, {got}")
+    if rules.get("path"):
+        value = _resolve_relative(value, origin.base)
+    if rules.get("model_path") and value.startswith(("./", "../", ".\\", "..\\", "~")):
+        value = _resolve_relative(value, origin.base)
+    return value
+
+
+def _resolve_relative(value: str, base: Path) -> str:
+    if value in ("", "-") or value.startswith("builtin:"):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = base / path
+    return os.path.normpath(path)
+
+
+def _build_section(cls: type[_T], values: Mapping[str, _Value], prefix: str) -> _T:
+    fields = _FIELDS[cls]
+    kwargs = {
+        key: _coerce(*fields[key], value, origin, f"{prefix}.{key}")
+        for key, (value, origin) in values.items()
+    }
+    return cls(**kwargs)
+
+
+def _build_source(index: int, raw: _RawSource, counters: dict[str, int]) -> SourceConfig:
+    fields = _FIELDS[SourceConfig]
+    prefix = f"sources[{index}]"
+    if "type" not in raw.values:
+        raise _err(
+            'each [[sources]] table needs type = "file" or "microphone"',
+            raw.origin,
+            f"{prefix}.type",
+        )
+    type_value, type_origin = raw.values["type"]
+    kind = _coerce(*fields["type"], type_value, type_origin, f"{prefix}.type")
+    kwargs: dict[str, Any] = {}
+    for key, (value, origin) in raw.values.items():
+        kinds = fields[key][0].metadata.get("kinds")
+        if kinds and kind not in kinds:
+            reason = f"{key!r} applies to {kinds[0]} sources only; this source has type {kind!r}"
+            raise _err(reason, origin, f"{prefix}.{key}")
+        kwargs[key] = _coerce(*fields[key], value, origin, f"{prefix}.{key}")
+    if "stream" not in kwargs:
+        short = "mic" if kind == "microphone" else kind
+        kwargs["stream"] = f"{short}{counters.get(kind, 0)}"
+    counters[kind] = counters.get(kind, 0) + 1
+    return SourceConfig(**kwargs)
+
+
+def _build(raw: _Raw) -> Config:
+    sections = {
+        name: _build_section(cls, raw.sections[name], name) for name, cls in _SECTIONS.items()
+    }
+    cfg = Config(**sections)
+    if raw.sources is not None:
+        counters: dict[str, int] = {}
+        sources = tuple(_build_source(i, s, counters) for i, s in enumerate(raw.sources))
+        cfg = dataclasses.replace(cfg, sources=sources)
+    _validate(cfg, _locator(raw))
+    return cfg
+
+
+def _locator(raw: _Raw) -> Callable[[str], _Origin | None]:
+    """Find which layer set a key (for errors about combinations of keys)."""
+
+    def locate(key: str) -> _Origin | None:
+        head, _, name = key.rpartition(".")
+        match = re.fullmatch(r"sources\[(\d+)\]", head)
+        if match and raw.sources is not None:
+            source = raw.sources[int(match.group(1))]
+            found = source.values.get(name)
+            return found[1] if found else source.origin
+        found = raw.sections.get(head, {}).get(name)
+        return found[1] if found else None
+
+    return locate
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate_config(cfg: Config) -> None:
+    """Check a ``Config`` built in code as strictly as one loaded from a file."""
+    origin = _Origin(None, Path.cwd(), 0)
+    named = [(name, getattr(cfg, name)) for name in _SECTIONS]
+    named += [(f"sources[{i}]", source) for i, source in enumerate(cfg.sources)]
+    for name, section in named:
+        for key, (f, typ) in _FIELDS[type(section)].items():
+            _coerce(f, typ, getattr(section, key), origin, f"{name}.{key}")
+    _validate(cfg, lambda key: None)
+
+
+def _validate(cfg: Config, locate: Callable[[str], _Origin | None]) -> None:
+    """Rules that span several keys; raises ``ConfigError``."""
+
+    def error(reason: str, *keys: str) -> ConfigError:
+        origins = [o for o in map(locate, keys) if o is not None]
+        latest = max(origins, key=lambda o: o.layer, default=None)
+        return ConfigError(reason, file=latest.label if latest else None, key=keys[0])
+
+    s = cfg.streaming
+    if s.left_context_s + s.max_segment_s > s.max_window_s:
+        raise error(
+            f"left_context_s + max_segment_s ({s.left_context_s:g} + {s.max_segment_s:g} s) "
+            f"exceeds max_window_s ({s.max_window_s:g} s)",
+            "streaming.max_segment_s",
+            "streaming.left_context_s",
+            "streaming.max_window_s",
+        )
+    seen: dict[str, int] = {}
+    for index, source in enumerate(cfg.sources):
+        key = f"sources[{index}]"
+        if source.stream in seen:
+            raise error(
+                f"duplicate stream id {source.stream!r} (also sources[{seen[source.stream]}])",
+                f"{key}.stream",
+            )
+        seen[source.stream] = index
+        if source.type != "file":
+            continue
+        try:
+            path = resolve_audio_path(source.path)
+        except ConfigError as exc:
+            raise error(exc.reason, f"{key}.path") from None
+        if not path.is_file():
+            raise error(f"no such audio file: {path}", f"{key}.path")
+
+
+# ---------------------------------------------------------------- public entry points
+
+
+def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
+    """Merge ``paths`` in order over the defaults, then ``overrides``; validate."""
+    raw = _Raw()
+    for layer, path in enumerate(paths):
+        path = Path(path)
+        origin = _Origin(str(path), path.absolute().parent, layer)
+        _merge_document(raw, _read_toml(path, str(path)), origin)
+    set_origin = _Origin("--set", Path.cwd(), len(paths))
+    for text in overrides:
+        _apply_override(raw, text, set_origin)
+    return _build(raw)
+
+
+def replace_section(cfg: Config, section: str, **changes: Any) -> Config:
+    """A copy of ``cfg`` with keys of one section changed, checked like a file."""
+    origin = _Origin(None, Path.cwd(), 0)
+    if section not in _SECTIONS:
+        raise _unknown_section(section, origin)
+    fields = _FIELDS[_SECTIONS[section]]
+    kwargs = {}
+    for key, value in changes.items():
+        if key not in fields:
+            raise _unknown_key(section, key, fields, origin, f"{section}.{key}")
+        kwargs[key] = _coerce(*fields[key], value, origin, f"{section}.{key}")
+    new = dataclasses.replace(
+        cfg, **{section: dataclasses.replace(getattr(cfg, section), **kwargs)}
+    )
+    validate_config(new)
+    return new
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Effective values as plain data; sources carry only their type's keys."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if f.name == "sources":
+            out["sources"] = [_source_to_dict(source) for source in value]
+        else:
+            out[f.name] = {g.name: getattr(value, g.name) for g in dataclasses.fields(value)}
+    return out
+
+
+def _source_to_dict(source: SourceConfig) -> dict[str, Any]:
+    return {
+        name: getattr(source, name)
+        for name, (f, _) in _FIELDS[SourceConfig].items()
+        if source.type in f.metadata.get("kinds", (source.type,))
+    }
+
+
+def dump_toml(cfg: Config) -> str:
+    """Effective values as TOML that ``load_config`` reads back to an equal Config."""
+    data = config_to_dict(cfg)
+    lines: list[str] = []
+    if not data["sources"]:
+        lines.append("sources = []")  # top-level keys must precede every table
+    for name, value in data.items():
+        tables = value if isinstance(value, list) else [value]
+        header = f"[[{name}]]" if isinstance(value, list) else f"[{name}]"
+        for table in tables:
+            lines += ["", header, *(f"{k} = {_toml_scalar(v)}" for k, v in table.items())]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+_ESCAPES = str.maketrans(
+    {chr(c): f"\\u{c:04x}" for c in (*range(0x20), 0x7F)}
+    | {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f"}
+    | {"\r": "\\r"}
+)
+
+
+def _toml_scalar(value: bool | int | float | str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    return '"' + value.translate(_ESCAPES) + '"'

@@ -1,0 +1,185 @@
+"""Console sink: captions for a person watching a terminal (or a log file).
+
+Two output modes, picked by whether ``out`` is a terminal:
+
+TTY mode
+    The newest partial occupies one line that is rewritten in place
+    (``\\r`` + ``ESC[2K`` clear-line, no newline)::
+
+        [demo] Guten Morgen, wie
+
+    With colour on, the tentative tail is dimmed (``ESC[2m`` … ``ESC[22m``).
+    A final clears that line and is printed as a kept line with its audio time
+    range; then the newest partial of another stream, if any, is redrawn::
+
+        [demo 12.5–15.3s] Guten Morgen, wie geht es Ihnen?
+
+    Several streams share the one partial line; it shows the stream that
+    updated last. Partials longer than the terminal are cut at the left
+    (``…``) so the line never wraps, which would break the rewrite.
+
+Plain mode (pipes, files, ``journalctl``)
+    No escape codes; one line per event. Partials start with ``~ `` so a
+    reader (or ``grep -v '^~'``) can tell them apart; finals look as on a TTY::
+
+        ~ [demo] Guten Morgen, wie
+        [demo 12.5–15.3s] Guten Morgen, wie geht es Ihnen?
+
+Every write is flushed at once: captions are only useful while fresh.
+Colour follows ``NO_COLOR`` (https://no-color.org) when not given.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import TextIO
+
+from streamer.sinks.fanout import Subscription
+from streamer.types import Hypothesis
+
+__all__ = ["ConsoleSink", "format_final", "format_time_range"]
+
+CLEAR_LINE = "\r\x1b[2K"
+DIM = "\x1b[2m"
+UNDIM = "\x1b[22m"
+ELLIPSIS = "…"
+
+
+def format_time_range(start: float, end: float) -> str:
+    """``0.0–4.2s``: the audio span of an event, one decimal."""
+    return f"{start:.1f}–{end:.1f}s"
+
+
+def format_final(event: Hypothesis) -> str:
+    """The kept line of a final, without newline: ``[demo 0.0–4.2s] text``."""
+    return f"[{event.stream} {format_time_range(event.start, event.end)}] {event.text}"
+
+
+def _stream_is_tty(out: TextIO) -> bool:
+    try:
+        return out.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+class ConsoleSink:
+    """Writes caption events to a text stream, rewriting partials on a TTY.
+
+    ``is_tty``/``color``/``width`` default to what ``out`` and the environment
+    say; tests pass them explicitly with a ``StringIO``.
+    """
+
+    def __init__(
+        self,
+        out: TextIO,
+        partials: bool = True,
+        is_tty: bool | None = None,
+        color: bool | None = None,
+        width: int | None = None,
+    ) -> None:
+        self.out = out
+        self.partials = partials
+        self.is_tty = _stream_is_tty(out) if is_tty is None else is_tty
+        if color is None:
+            color = self.is_tty and "NO_COLOR" not in os.environ
+        self.color = color and self.is_tty
+        self._width = width
+        # TTY mode: newest undelivered-to-final partial per stream (insertion
+        # order = update order) and whether the partial line holds text now.
+        self._live: dict[str, Hypothesis] = {}
+        self._line_shown = False
+        self.lines = 0
+
+    # -- public ----------------------------------------------------------------
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        """The event kinds to subscribe with."""
+        return frozenset({"partial", "final"}) if self.partials else frozenset({"final"})
+
+    async def run(self, sub: Subscription) -> None:
+        """Print events from ``sub`` until it closes; leaves the terminal clean."""
+        try:
+            async for event in sub:
+                self.write(event)
+        finally:
+            sub.close("console sink stopped")  # no-op after a normal end
+            self.finish()
+
+    def write(self, event: Hypothesis) -> None:
+        """Render one event (sync: console writes are small and line-buffered)."""
+        if event.kind == "final":
+            self._write_final(event)
+        elif self.partials:
+            self._write_partial(event)
+
+    def finish(self) -> None:
+        """Clear a dangling partial line so the shell prompt starts clean."""
+        if self._line_shown:
+            self._emit(CLEAR_LINE)
+            self._line_shown = False
+        self._live.clear()
+
+    # -- rendering ---------------------------------------------------------------
+
+    def _write_final(self, event: Hypothesis) -> None:
+        line = format_final(event)
+        if not self.is_tty:
+            self._emit(line + "\n")
+            self.lines += 1
+            return
+        self._live.pop(event.stream, None)
+        text = (CLEAR_LINE if self._line_shown else "") + line + "\n"
+        self._line_shown = False
+        if self._live:  # another stream still speaks: bring its partial back
+            newest = next(reversed(self._live.values()))
+            text += self._partial_line(newest)
+            self._line_shown = True
+        self._emit(text)
+        self.lines += 1
+
+    def _write_partial(self, event: Hypothesis) -> None:
+        if not self.is_tty:
+            if event.text:
+                self._emit(f"~ [{event.stream}] {event.text}\n")
+                self.lines += 1
+            return
+        self._live.pop(event.stream, None)
+        if event.text:
+            self._live[event.stream] = event
+            self._emit(CLEAR_LINE + self._partial_line(event))
+            self._line_shown = True
+        elif self._line_shown:
+            self._emit(CLEAR_LINE)
+            self._line_shown = False
+
+    def _partial_line(self, event: Hypothesis) -> str:
+        """``[stream] committed`` + dimmed ``tentative``, cut to fit one line."""
+        committed, tentative = event.committed, event.tentative
+        if not committed and not tentative:
+            committed = event.text
+        prefix = f"[{event.stream}] "
+        room = max(self._columns() - len(prefix), 8)
+        body_len = len(committed) + len(tentative)
+        lead = ""
+        if body_len > room:
+            cut = body_len - room + len(ELLIPSIS)
+            lead = ELLIPSIS
+            committed, tentative = (
+                committed[cut:],
+                tentative[max(0, cut - len(committed)) :],
+            )
+        if self.color and tentative:
+            return f"{prefix}{lead}{committed}{DIM}{tentative}{UNDIM}"
+        return f"{prefix}{lead}{committed}{tentative}"
+
+    def _columns(self) -> int:
+        if self._width is not None:
+            return self._width
+        # One column spare: writing the last column makes some terminals wrap.
+        return shutil.get_terminal_size(fallback=(80, 24)).columns - 1
+
+    def _emit(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()

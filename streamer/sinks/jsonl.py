@@ -1,0 +1,143 @@
+"""JSON Lines and SRT output: captions for programs and subtitle files.
+
+JSONL: one event per line, the wire object of DESIGN.md section 4
+(``Hypothesis.to_wire()``), UTF-8 kept as is (``ensure_ascii=False``) so a
+``jq`` or ``grep`` user sees the words. ``-`` means stdout; a path is opened
+once in append mode, so a restarted daemon continues the same log.
+
+File writes run in a worker thread (``asyncio.to_thread``): a slow disk or a
+full pipe delays the sink, never the event loop. Events that arrive while a
+write is in flight are written together in the next batch, so the thread hop
+is paid per batch, not per line. Each batch is flushed before the next read.
+
+SRT: :func:`write_srt` numbers finals from 1 with ``HH:MM:SS,mmm`` times, as
+``streamer transcribe --format srt`` prints them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Iterable
+from typing import TextIO
+
+from streamer.sinks.fanout import Subscription, SubscriptionClosed
+from streamer.types import Hypothesis
+
+__all__ = ["JsonlSink", "format_event", "format_srt_time", "write_srt"]
+
+# Upper bound on lines per worker-thread write, so one huge backlog does not
+# turn into one huge string.
+_BATCH_MAX = 256
+
+
+def format_event(event: Hypothesis) -> str:
+    """One JSONL line (without newline) for ``event``."""
+    return json.dumps(event.to_wire(), ensure_ascii=False)
+
+
+class JsonlSink:
+    """Appends caption events to a JSONL file, or writes them to stdout for ``-``.
+
+    ``stdout`` replaces ``sys.stdout`` for ``-`` (tests, embedding).
+    """
+
+    def __init__(
+        self,
+        path_or_dash: str,
+        partials: bool = True,
+        *,
+        stdout: TextIO | None = None,
+    ) -> None:
+        self.target = path_or_dash
+        self.partials = partials
+        self._stdout = stdout
+        self.lines = 0
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        """The event kinds to subscribe with."""
+        return frozenset({"partial", "final"}) if self.partials else frozenset({"final"})
+
+    async def run(self, sub: Subscription) -> None:
+        """Write events from ``sub`` until it closes; the file is closed at the end.
+
+        If writing fails the error propagates and ``sub`` is closed, so the
+        fanout stops queueing for a consumer that is gone.
+        """
+        try:
+            out = await self._open()
+        except BaseException:
+            sub.close("jsonl sink stopped")
+            raise
+        try:
+            while True:
+                try:
+                    first = await sub.get()
+                except SubscriptionClosed:
+                    break
+                batch = [first]
+                # Take what else is queued now; at the end of a closed queue stop
+                # here, so the next get() marks the subscription drained only
+                # after this batch is on disk.
+                while len(batch) < _BATCH_MAX and sub.pending:
+                    batch.append(sub.get_nowait())
+                lines = [format_event(e) + "\n" for e in batch if self._wants(e)]
+                if lines:
+                    await asyncio.to_thread(_write_flush, out, "".join(lines))
+                    self.lines += len(lines)
+        finally:
+            sub.close("jsonl sink stopped")  # no-op after a normal end
+            if self.target != "-":
+                await asyncio.to_thread(out.close)
+
+    def _wants(self, event: Hypothesis) -> bool:
+        return self.partials or event.kind == "final"
+
+    async def _open(self) -> TextIO:
+        if self.target == "-":
+            return self._stdout if self._stdout is not None else sys.stdout
+        return await asyncio.to_thread(_open_append, self.target)
+
+
+def _open_append(path: str) -> TextIO:
+    return open(path, "a", encoding="utf-8", newline="\n")  # closed by JsonlSink.run
+
+
+def _write_flush(out: TextIO, text: str) -> None:
+    out.write(text)
+    out.flush()
+
+
+# -- SRT -----------------------------------------------------------------------
+
+
+def format_srt_time(seconds: float) -> str:
+    """``HH:MM:SS,mmm`` (SubRip), rounded to the millisecond; negatives clamp to 0."""
+    total_ms = max(0, round(seconds * 1000))
+    hours, rest = divmod(total_ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs, ms = divmod(rest, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d},{ms:03d}"
+
+
+def write_srt(finals: Iterable[Hypothesis], out: TextIO) -> int:
+    """Write finals as SubRip cues numbered from 1; returns the number of cues.
+
+    Partials and finals with blank text are skipped (SRT has no empty cues).
+    Blank lines inside a text would end a cue early, so they are collapsed.
+    """
+    n = 0
+    for event in finals:
+        if event.kind != "final":
+            continue
+        lines = [line.strip() for line in event.text.strip().splitlines()]
+        text = "\n".join(line for line in lines if line)
+        if not text:
+            continue
+        n += 1
+        start = format_srt_time(event.start)
+        end = format_srt_time(max(event.end, event.start))
+        out.write(f"{n}\n{start} --> {end}\n{text}\n\n")
+    return n

@@ -1,0 +1,378 @@
+"""WebSocket caption server (websockets 17 asyncio API) with plain HTTP probes.
+
+One port serves everything; ``process_request`` routes by path before the
+WebSocket upgrade, through a route table that later endpoints extend with
+:meth:`CaptionServer.add_route` (audio ingest ``/v1/stream``, ``/metrics``,
+the caption page ``/``):
+
+=============================================  ==================================
+``GET /v1/captions?streams=a,b&kinds=final``   WebSocket; one JSON text message
+                                               per event (``Hypothesis.to_wire``)
+``GET /healthz``                               200 ``ok`` while the process runs
+``GET /readyz``                                200 when ``ready()`` else 503
+anything else                                  404
+=============================================  ==================================
+
+Caption subscriptions: ``streams`` (comma-separated; all streams when absent)
+and ``kinds`` (``partial``, ``final``; both when absent). A malformed query,
+an unknown parameter or kind answers HTTP 400 before the upgrade; more than
+``max_subscribers`` open caption connections answer 503.
+
+Each connection owns a :class:`~streamer.sinks.fanout.Subscription` with
+``queue_finals`` finals of room. A client that cannot keep up (its socket
+stays full until that queue overflows) is closed with 1013 "slow subscriber";
+everybody else is unaffected. Text messages from caption clients are ignored
+(clients may send "ping"); a binary message closes the connection with 1003.
+
+Shutdown (:meth:`CaptionServer.close`): refuse new subscribers, close the
+subscriptions so each connection delivers what it has queued (bounded by a
+timeout), then close connections with 1001 and abort whatever is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from http import HTTPStatus
+from urllib.parse import parse_qsl, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+from websockets.http11 import Request, Response
+
+from streamer.errors import StreamerError
+from streamer.sinks.fanout import ALL_KINDS, Fanout, Subscription
+
+__all__ = [
+    "CAPTIONS_PATH",
+    "CaptionQuery",
+    "CaptionServer",
+    "HttpProcess",
+    "Route",
+    "WsHandler",
+    "parse_caption_query",
+]
+
+log = logging.getLogger(__name__)
+
+CAPTIONS_PATH = "/v1/captions"
+MAX_STREAM_ID = 256
+
+#: Runs before the upgrade: returns a Response to answer with plain HTTP, or
+#: None to accept the WebSocket (only valid when the route has a handler).
+HttpProcess = Callable[[ServerConnection, Request], Response | Awaitable[Response | None] | None]
+#: Serves an accepted WebSocket connection; the server closes it afterwards.
+WsHandler = Callable[[ServerConnection], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One path of the server: a pre-upgrade check and an optional WebSocket handler."""
+
+    process: HttpProcess
+    handler: WsHandler | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CaptionQuery:
+    """A parsed ``/v1/captions`` query: ``streams`` None means every stream."""
+
+    streams: frozenset[str] | None
+    kinds: frozenset[str]
+
+
+def parse_caption_query(query: str) -> CaptionQuery:
+    """Parse ``streams=a,b&kinds=partial,final``; raises ValueError with a reason."""
+    try:
+        fields = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError as exc:
+        raise ValueError(f"malformed query: {exc}") from None
+    streams: set[str] | None = None
+    kinds: set[str] | None = None
+    for key, value in fields:
+        items = [item.strip() for item in value.split(",")]
+        if any(not item for item in items):
+            raise ValueError(f"empty item in {key}={value!r}")
+        if key == "streams":
+            if any(len(item) > MAX_STREAM_ID for item in items):
+                raise ValueError(f"stream id longer than {MAX_STREAM_ID} characters")
+            streams = (streams or set()) | set(items)
+        elif key == "kinds":
+            unknown = sorted(set(items) - ALL_KINDS)
+            if unknown:
+                raise ValueError(
+                    f"unknown kind {unknown[0]!r} (expected {', '.join(sorted(ALL_KINDS))})"
+                )
+            kinds = (kinds or set()) | set(items)
+        else:
+            raise ValueError(f"unknown query parameter {key!r} (expected streams, kinds)")
+    return CaptionQuery(
+        streams=None if streams is None else frozenset(streams),
+        kinds=ALL_KINDS if kinds is None else frozenset(kinds),
+    )
+
+
+class CaptionServer:
+    """Serves caption events from a :class:`Fanout` to WebSocket clients.
+
+    ``ready`` answers ``/readyz`` (None: always ready). ``drain_timeout``
+    bounds each shutdown step in :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        fanout: Fanout,
+        host: str,
+        port: int,
+        max_subscribers: int = 64,
+        queue_finals: int = 256,
+        ready: Callable[[], bool] | None = None,
+        *,
+        drain_timeout: float = 5.0,
+    ) -> None:
+        self._fanout = fanout
+        self.host = host
+        self._port = port
+        self.max_subscribers = max_subscribers
+        self.queue_finals = queue_finals
+        self._ready = ready
+        self.drain_timeout = drain_timeout
+        self._server: Server | None = None
+        self._routes: dict[str, Route] = {}
+        # Caption connections from accepted request until connection lost.
+        self._caption_conns: set[ServerConnection] = set()
+        self._subs: set[Subscription] = set()
+        self._closing = False
+        self._close_task: asyncio.Task[None] | None = None
+        self._close_code: int = CloseCode.GOING_AWAY
+        self._close_reason = "server shutting down"
+        self.slow_disconnects = 0
+        self.add_route("/healthz", self._healthz)
+        self.add_route("/readyz", self._readyz)
+        self.add_route(CAPTIONS_PATH, self._check_captions, self._serve_captions)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def add_route(self, path: str, process: HttpProcess, handler: WsHandler | None = None) -> None:
+        """Register (or replace) the route for ``path`` (exact match, query ignored)."""
+        self._routes[path] = Route(process, handler)
+
+    async def start(self) -> None:
+        """Bind and start serving; raises StreamerError when the port is unavailable."""
+        if self._server is not None:
+            raise RuntimeError("CaptionServer already started")
+        try:
+            self._server = await serve(
+                self._dispatch,
+                self.host,
+                self._port,
+                process_request=self._process_request,
+            )
+        except OSError as exc:
+            raise StreamerError(
+                f"cannot listen on {self.host}:{self._port}: {exc.strerror or exc}"
+            ) from exc
+        log.info("caption server listening on %s:%d", self.host, self.port)
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when 0 was asked for).
+
+        With a host name that resolves to several addresses and port 0, each
+        socket gets its own port; this is the first one's.
+        """
+        if self._server is None:
+            return self._port
+        sockets = self._server.sockets
+        if not sockets:
+            return self._port
+        return int(sockets[0].getsockname()[1])
+
+    @property
+    def subscribers(self) -> int:
+        """Open caption connections (including ones still in their handshake)."""
+        return len(self._caption_conns)
+
+    async def close(
+        self, code: int = CloseCode.GOING_AWAY, reason: str = "server shutting down"
+    ) -> None:
+        """Flush subscribers, close connections with ``code``; idempotent.
+
+        Each step (delivering queued events, the closing handshakes) is bounded
+        by ``drain_timeout``; connections still open after that are aborted.
+        Concurrent callers all wait for the one shutdown.
+        """
+        if self._server is None:
+            return
+        if self._close_task is None:
+            self._closing = True
+            self._close_code, self._close_reason = code, reason
+            self._close_task = asyncio.create_task(
+                self._shutdown(self._server), name="caption-server-close"
+            )
+        await asyncio.shield(self._close_task)
+
+    async def _shutdown(self, server: Server) -> None:
+        code, reason = self._close_code, self._close_reason
+        subs = list(self._subs)
+        for sub in subs:
+            sub.close(reason)
+        if subs:
+            try:
+                async with asyncio.timeout(self.drain_timeout):
+                    for sub in subs:
+                        await sub.drained.wait()
+            except TimeoutError:
+                log.warning("caption subscribers did not drain in %.1fs", self.drain_timeout)
+        server.close(close_connections=True, code=code, reason=reason)
+        try:
+            async with asyncio.timeout(self.drain_timeout):
+                await server.wait_closed()
+        except TimeoutError:
+            # all_connections includes those stuck in their closing handshake.
+            stuck = list(server.all_connections)
+            log.warning("aborting %d connections after shutdown timeout", len(stuck))
+            for conn in stuck:
+                conn.transport.abort()
+            try:
+                async with asyncio.timeout(self.drain_timeout):
+                    await server.wait_closed()
+            except TimeoutError:
+                log.error("caption server handlers did not finish")
+
+    # -- routing -------------------------------------------------------------------
+
+    async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        route = self._routes.get(urlsplit(request.path).path)
+        if route is None:
+            return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        result = route.process(conn, request)
+        if inspect.isawaitable(result):
+            result = await result
+        if result is None and route.handler is None:
+            log.error("route %s accepted a WebSocket but has no handler", request.path)
+            return conn.respond(HTTPStatus.INTERNAL_SERVER_ERROR, "no handler\n")
+        return result
+
+    async def _dispatch(self, conn: ServerConnection) -> None:
+        assert conn.request is not None  # set once the handshake succeeded
+        route = self._routes.get(urlsplit(conn.request.path).path)
+        if route is None or route.handler is None:  # routes changed mid-handshake
+            await conn.close(CloseCode.INTERNAL_ERROR, "no handler")
+            return
+        await route.handler(conn)
+
+    def _healthz(self, conn: ServerConnection, request: Request) -> Response:
+        return conn.respond(HTTPStatus.OK, "ok\n")
+
+    def _readyz(self, conn: ServerConnection, request: Request) -> Response:
+        try:
+            ok = self._ready is None or bool(self._ready())
+        except Exception:
+            log.exception("readiness check failed")
+            ok = False
+        if ok and not self._closing:
+            return conn.respond(HTTPStatus.OK, "ready\n")
+        return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
+
+    # -- captions --------------------------------------------------------------------
+
+    def _check_captions(self, conn: ServerConnection, request: Request) -> Response | None:
+        """Validate the query and reserve a subscriber slot before the upgrade."""
+        if self._closing:
+            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server shutting down\n")
+        try:
+            parse_caption_query(urlsplit(request.path).query)
+        except ValueError as exc:
+            return conn.respond(HTTPStatus.BAD_REQUEST, f"{exc}\n")
+        if len(self._caption_conns) >= self.max_subscribers:
+            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many subscribers\n")
+        # The slot is held until the TCP connection is gone, whatever happens
+        # between here and the handler (a failed handshake never runs it).
+        self._caption_conns.add(conn)
+        conn.connection_lost_waiter.add_done_callback(lambda _: self._caption_conns.discard(conn))
+        return None
+
+    async def _serve_captions(self, conn: ServerConnection) -> None:
+        assert conn.request is not None
+        query = parse_caption_query(urlsplit(conn.request.path).query)
+        sub = self._fanout.subscribe(
+            query.streams,
+            query.kinds,
+            max_finals=self.queue_finals,
+            name=f"ws {_peer(conn)}",
+        )
+        if self._closing:
+            sub.close(self._close_reason)
+        self._subs.add(sub)
+        sender = asyncio.create_task(_send_events(conn, sub), name=f"captions-send-{conn.id}")
+        reader = asyncio.create_task(_read_client(conn), name=f"captions-read-{conn.id}")
+        closed = asyncio.create_task(sub.wait_closed(), name=f"captions-closed-{conn.id}")
+        tasks = (sender, reader, closed)
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if sub.slow:
+                self.slow_disconnects += 1
+                log.warning("closing slow caption subscriber %s", _peer(conn))
+                await conn.close(CloseCode.TRY_AGAIN_LATER, "slow subscriber")
+            elif sender.done() and _failed(sender):
+                await conn.close(CloseCode.INTERNAL_ERROR, "internal error")
+            elif not reader.done():
+                # Shutting down: deliver what is queued, then close.
+                if not sender.done():
+                    await asyncio.wait(
+                        (sender, reader),
+                        timeout=self.drain_timeout,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                await conn.close(self._close_code, self._close_reason)
+        finally:
+            sub.close("connection closed")
+            self._subs.discard(sub)
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            for result in results:
+                if isinstance(result, Exception) and not isinstance(result, ConnectionClosed):
+                    log.error("caption connection %s failed", _peer(conn), exc_info=result)
+
+
+def _failed(task: asyncio.Task[None]) -> bool:
+    """A finished task that raised something other than a closed connection."""
+    if task.cancelled():
+        return False
+    exc = task.exception()
+    return exc is not None and not isinstance(exc, ConnectionClosed)
+
+
+async def _send_events(conn: ServerConnection, sub: Subscription) -> None:
+    """Forward events until the subscription ends; one JSON text message each."""
+    async for event in sub:
+        await conn.send(json.dumps(event.to_wire(), ensure_ascii=False))
+
+
+async def _read_client(conn: ServerConnection) -> None:
+    """Consume client messages: text is ignored, binary is refused (1003)."""
+    try:
+        async for message in conn:
+            if isinstance(message, bytes):
+                await conn.close(
+                    CloseCode.UNSUPPORTED_DATA, "captions endpoint accepts no binary messages"
+                )
+                return
+    except ConnectionClosed:
+        pass
+
+
+def _peer(conn: ServerConnection) -> str:
+    addr = conn.remote_address
+    if isinstance(addr, Iterable) and not isinstance(addr, str):
+        parts = list(addr)
+        if len(parts) >= 2:
+            return f"{parts[0]}:{parts[1]}"
+    return str(addr)

@@ -1,0 +1,131 @@
+"""Console sink: in-place partial line on a TTY, plain lines elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+from streamer.sinks.console import CLEAR_LINE, DIM, UNDIM, ConsoleSink, format_final
+from streamer.sinks.fanout import Fanout
+from streamer.types import Hypothesis
+
+
+class FlushCountingIO(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+def partial(committed: str, tentative: str, stream: str = "demo", seq: int = 0) -> Hypothesis:
+    return Hypothesis(
+        kind="partial",
+        stream=stream,
+        segment=0,
+        seq=seq,
+        text=committed + tentative,
+        committed=committed,
+        tentative=tentative,
+        start=0.0,
+        end=1.0,
+    )
+
+
+def final(text: str, stream: str = "demo", start: float = 0.0, end: float = 4.2) -> Hypothesis:
+    return Hypothesis(
+        kind="final", stream=stream, segment=0, seq=9, text=text, start=start, end=end
+    )
+
+
+def test_format_final_shows_stream_and_time_range() -> None:
+    assert format_final(final("Hello there.", start=0.0, end=4.2)) == "[demo 0.0–4.2s] Hello there."
+    assert format_final(final("x", stream="mic0", start=12.48, end=15.3)) == "[mic0 12.5–15.3s] x"
+
+
+def test_tty_rewrites_partial_line_in_place_then_keeps_final() -> None:
+    out = FlushCountingIO()
+    sink = ConsoleSink(out, is_tty=True, color=False, width=80)
+    sink.write(partial("Hello", " wor"))
+    sink.write(partial("Hello world", ", how"))
+    sink.write(final("Hello world, how are you?"))
+    assert out.getvalue() == (
+        "\r\x1b[2K[demo] Hello wor"
+        "\r\x1b[2K[demo] Hello world, how"
+        "\r\x1b[2K[demo 0.0–4.2s] Hello world, how are you?\n"
+    )
+    assert out.flushes == 3  # one flush per write
+    # The rewritten partials left no kept line behind: only the final has a newline.
+    assert out.getvalue().count("\n") == 1
+
+
+def test_tty_dims_tentative_tail_when_colored() -> None:
+    out = io.StringIO()
+    sink = ConsoleSink(out, is_tty=True, color=True, width=80)
+    sink.write(partial("Guten Morgen,", " wie"))
+    assert out.getvalue() == f"{CLEAR_LINE}[demo] Guten Morgen,{DIM} wie{UNDIM}"
+
+
+def test_tty_long_partial_is_cut_at_the_left_to_one_line() -> None:
+    out = io.StringIO()
+    sink = ConsoleSink(out, is_tty=True, color=False, width=20)
+    sink.write(partial("a" * 30, "bcd"))
+    line = out.getvalue().removeprefix(CLEAR_LINE)
+    assert len(line) == 20
+    assert line == "[demo] …" + "a" * 9 + "bcd"
+
+
+def test_tty_redraws_other_streams_partial_after_a_final() -> None:
+    out = io.StringIO()
+    sink = ConsoleSink(out, is_tty=True, color=False, width=80)
+    sink.write(partial("left talk", "", stream="L"))
+    sink.write(partial("right talk", "", stream="R"))
+    out.seek(0)
+    out.truncate()
+    sink.write(final("right done", stream="R"))
+    assert out.getvalue() == (f"{CLEAR_LINE}[R 0.0–4.2s] right done\n[L] left talk")
+    sink.finish()
+    assert out.getvalue().endswith(CLEAR_LINE)  # dangling partial cleared at exit
+
+
+def test_plain_mode_has_no_escape_codes() -> None:
+    out = io.StringIO()
+    sink = ConsoleSink(out, is_tty=False)
+    sink.write(partial("Hello", " wor"))
+    sink.write(partial("", ""))  # empty partials are not worth a line
+    sink.write(final("Hello world."))
+    sink.finish()
+    assert out.getvalue() == "~ [demo] Hello wor\n[demo 0.0–4.2s] Hello world.\n"
+    assert "\x1b" not in out.getvalue() and "\r" not in out.getvalue()
+
+
+def test_is_tty_detected_from_the_stream() -> None:
+    # A StringIO is no terminal, so the default is plain mode without colour.
+    sink = ConsoleSink(io.StringIO())
+    assert not sink.is_tty and not sink.color
+
+
+def test_partials_off_prints_finals_only() -> None:
+    out = io.StringIO()
+    sink = ConsoleSink(out, partials=False, is_tty=True)
+    assert sink.kinds == frozenset({"final"})
+    sink.write(partial("Hello", ""))
+    sink.write(final("Hello."))
+    assert out.getvalue() == "[demo 0.0–4.2s] Hello.\n"
+
+
+async def test_run_prints_until_subscription_closes() -> None:
+    fan = Fanout()
+    out = io.StringIO()
+    sink = ConsoleSink(out, is_tty=False)
+    sub = fan.subscribe(kinds=sink.kinds)
+    task = asyncio.create_task(sink.run(sub))
+    fan.publish(partial("one", " two"))
+    fan.publish(final("one two three"))
+    fan.close_all("done")
+    assert await fan.wait_drained(2.0)
+    await asyncio.wait_for(task, 2.0)
+    # The partial was superseded by the final before the sink ran: never shown.
+    assert out.getvalue() == "[demo 0.0–4.2s] one two three\n"
