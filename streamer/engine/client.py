@@ -1,0 +1,34 @@
+"""The engine's asyncio facade: submit from the loop, await the result."""
+
+from __future__ import annotations
+
+import asyncio
+
+from streamer.core.session import DecodeRequest, DecodeResult
+from streamer.engine.core import Engine
+
+
+class EngineClient:
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.engine = engine
+        self.loop = loop or asyncio.get_running_loop()
+
+    @property
+    def sample_rate(self) -> int:
+        return self.engine.sample_rate
+
+    def submit(self, req: DecodeRequest) -> asyncio.Future[DecodeResult]:
+        fut: asyncio.Future[DecodeResult] = self.loop.create_future()
+
+        def deliver(result: DecodeResult) -> None:
+            if not fut.done():
+                fut.set_result(result)
+
+        def on_engine_thread(result: DecodeResult) -> None:
+            self.loop.call_soon_threadsafe(deliver, result)
+
+        self.engine.submit(req, on_engine_thread)
+        return fut
+
+    async def decode(self, req: DecodeRequest) -> DecodeResult:
+        return await self.submit(req)
