@@ -1,0 +1,148 @@
+"""Command line: ``streamer serve | transcribe | devices | check-config``.
+
+Expected faults (``StreamerError``) print one line on stderr and exit with
+their code (78 for configuration errors); only bugs print tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from streamer import __version__
+from streamer.config import Config, dump_toml, load_config
+from streamer.errors import StreamerError
+
+log = logging.getLogger("streamer")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "urllib3", "websockets.server", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    overrides = list(args.set or [])
+    if getattr(args, "model", None):
+        overrides.append(f"model.id={args.model!r}".replace("'", '"'))
+    for key in ("source_language", "target_language", "device", "dtype"):
+        value = getattr(args, key, None)
+        if value:
+            overrides.append(f'model.{key}="{value}"')
+    return load_config(args.config or [], overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    _setup_logging(args.log_level or cfg.logging.level)
+    from streamer.service.app import App
+
+    app = App(cfg, keep_serving=True if args.keep_serving else None)
+    return asyncio.run(app.run())
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    _setup_logging(args.log_level or "warning")
+    from streamer.service.transcribe import transcribe_files
+
+    out = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
+    try:
+        return asyncio.run(transcribe_files(cfg, [Path(f) for f in args.files], args.format, out))
+    finally:
+        if out is not sys.stdout:
+            out.close()
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from streamer.audio.capture import format_devices, list_devices
+
+    print(format_devices(list_devices()))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.files, args.set or [])
+    print(dump_toml(cfg), end="")
+    print(f"# {', '.join(args.files) or 'defaults'}: valid", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamer", description="Streaming real-time speech translation daemon."
+    )
+    parser.add_argument("--version", action="version", version=f"streamer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config",
+            "-c",
+            action="append",
+            metavar="FILE",
+            help="TOML config (repeatable; later files override earlier ones)",
+        )
+        p.add_argument(
+            "--set",
+            action="append",
+            metavar="SECTION.KEY=VALUE",
+            help="override one config key (repeatable)",
+        )
+        p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    serve = sub.add_parser(
+        "serve", help="run the daemon (default: demo clip, WebSocket on localhost)"
+    )
+    common(serve)
+    serve.add_argument(
+        "--keep-serving", action="store_true", help="keep serving after the file sources end"
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    tr = sub.add_parser("transcribe", help="translate/transcribe audio files as fast as possible")
+    common(tr)
+    tr.add_argument("files", nargs="+", metavar="FILE")
+    tr.add_argument("--format", choices=["jsonl", "srt", "text"], default="jsonl")
+    tr.add_argument("--output", "-o", metavar="PATH", help="write here instead of stdout")
+    tr.add_argument("--model", help="model id or checkpoint folder (overrides model.id)")
+    tr.add_argument("--source-language", help="source language code, or auto")
+    tr.add_argument("--target-language", help="target language code")
+    tr.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    tr.add_argument("--dtype", help="auto, float32, float16, bfloat16")
+    tr.set_defaults(func=cmd_transcribe)
+
+    dev = sub.add_parser("devices", help="list audio capture devices")
+    dev.set_defaults(func=cmd_devices)
+
+    chk = sub.add_parser("check-config", help="validate config files and print effective values")
+    chk.add_argument("files", nargs="*", metavar="FILE")
+    chk.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    chk.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except StreamerError as exc:
+        print(f"streamer: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The asyncio driver of one stream: source blocks in, caption events out.
+
+``StreamRunner`` is the thin adapter around the sans-I/O ``StreamSession``:
+it runs the voice-activity detector off the loop, feeds the session, sends
+its decode requests to the engine, hands results back, and publishes the
+session's events with their latency (wall time since the audio they cover
+arrived). It is the same for a microphone, a file and a WebSocket client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import dataclasses
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+
+from streamer.audio.vad import FrameVad
+from streamer.core.session import DecodeResult, StreamSession
+from streamer.engine.client import EngineClient
+from streamer.types import AudioBlock, Hypothesis
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[Hypothesis], None]
+MAX_GAP_S = 30
+
+
+class StreamRunner:
+    def __init__(
+        self,
+        session: StreamSession,
+        engine: EngineClient,
+        publish: Publish,
+        vad: FrameVad | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.session = session
+        self.engine = engine
+        self.publish = publish
+        self.vad = vad
+        self.clock = clock
+        self._arrivals: deque[tuple[int, float]] = deque()  # (block end sample, arrival)
+        self._done = asyncio.Event()
+        self._pending: set[asyncio.Future[DecodeResult]] = set()
+
+    @property
+    def stream(self) -> str:
+        return self.session.stream
+
+    async def feed(self, block: AudioBlock) -> None:
+        """Give the session one block of audio (with its speech probabilities).
+
+        Samples are the clock: a gap before ``block.start`` (a capture device
+        dropped blocks) is filled with silence, capped at ``MAX_GAP_S``, and a
+        block overlapping audio already received is cut.
+        """
+        samples = block.samples
+        expected = self.session.buffer.end
+        if block.start > expected:
+            rate = self.session.s.sample_rate
+            gap = min(block.start - expected, MAX_GAP_S * rate)
+            samples = np.concatenate([np.zeros(gap, dtype=np.float32), samples])
+        elif block.start < expected:
+            samples = samples[expected - block.start :]
+        if not len(samples):
+            return
+        arrival = block.arrival if block.arrival is not None else self.clock()
+        self._arrivals.append((expected + len(samples), arrival))
+        probs = None
+        if self.vad is not None:
+            probs = await asyncio.to_thread(self.vad.process, samples)
+        self.session.receive_audio(samples)
+        if probs is not None:
+            self.session.receive_speech(probs)
+        self._pump()
+
+    def finalize(self) -> None:
+        """Explicit finalize request: close the current segment now."""
+        self.session.request_final()
+        self._pump()
+
+    def end(self) -> None:
+        self.session.receive_end()
+        self._pump()
+
+    async def run(self, blocks: AsyncIterator[AudioBlock]) -> None:
+        """Consume a source to its end, then finalise the stream."""
+        try:
+            async for block in blocks:
+                await self.feed(block)
+        finally:
+            self.end()
+
+    async def wait_done(self, timeout: float | None = None) -> bool:
+        """Wait until every final of the ended stream was published."""
+        try:
+            await asyncio.wait_for(self._done.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _pump(self) -> None:
+        for req in self.session.requests_to_send():
+            try:
+                fut = self.engine.submit(req)
+            except RuntimeError as exc:  # engine stopped: fail the window, keep going
+                log.error("stream %s: %s", self.stream, exc)
+                self.session.receive_result(DecodeResult(req.request_id, (), (), error=str(exc)))
+                continue
+            self._pending.add(fut)
+            fut.add_done_callback(self._on_result)
+        now = self.clock()
+        for event in self.session.events_received():
+            self.publish(dataclasses.replace(event, latency_ms=self._latency_ms(event, now)))
+        self._forget_arrivals()
+        if self.session.done:
+            self._done.set()
+
+    def _on_result(self, fut: asyncio.Future[DecodeResult]) -> None:
+        self._pending.discard(fut)
+        if fut.cancelled():
+            return
+        self.session.receive_result(fut.result())
+        self._pump()
+
+    def _latency_ms(self, event: Hypothesis, now: float) -> float | None:
+        """Wall time since the block holding the event's last sample arrived."""
+        end_sample = round(event.end * self.session.s.sample_rate)
+        ends = [e for e, _ in self._arrivals]
+        i = bisect.bisect_left(ends, end_sample)
+        if i >= len(self._arrivals):
+            return None
+        return max(0.0, (now - self._arrivals[i][1]) * 1000.0)
+
+    def _forget_arrivals(self) -> None:
+        keep_from = self.session.buffer.start
+        while len(self._arrivals) > 1 and self._arrivals[0][0] <= keep_from:
+            self._arrivals.popleft()

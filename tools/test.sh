@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up (idempotent) and run the whole test suite, then ruff and mypy.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$root/tools/bootstrap.sh"
+cd "$root"
+.venv/bin/ruff check streamer tests tools
+.venv/bin/mypy streamer
+exec .venv/bin/python -m pytest "$@"
