@@ -76,7 +76,7 @@ class StreamingConfig:
     max_segment_s: float = _f(15.0, gt=0.0)
     max_window_s: float = _f(30.0, gt=0.0)
     endpoint_silence_ms: int = _f(600, min=100)
-    agreement_n: int = _f(2, min=1)
+    agreement_n: int = _f(2, min=0)
     max_tokens_per_second: float = _f(8.0, gt=0.0)
     min_tokens: int = _f(8, min=1)
     prompt_max_tokens: int = _f(64, min=0)

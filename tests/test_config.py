@@ -178,7 +178,7 @@ def test_int_is_accepted_for_float(tmp_path):
         ("streaming", "max_segment_s", "0.0", "0.5"),
         ("streaming", "max_window_s", "0", "29.0"),
         ("streaming", "endpoint_silence_ms", "99", "100"),
-        ("streaming", "agreement_n", "0", "1"),
+        ("streaming", "agreement_n", "-1", "0"),
         ("streaming", "max_tokens_per_second", "0.0", "0.1"),
         ("streaming", "min_tokens", "0", "1"),
         ("streaming", "prompt_max_tokens", "-1", "0"),

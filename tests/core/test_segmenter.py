@@ -1,6 +1,8 @@
 from streamer.core.segmenter import Segmenter, SegmenterSettings, SpeechEnded, SpeechStarted
 
-S = SegmenterSettings(frame_samples=100, threshold=0.5, min_speech=300, endpoint_silence=500, pre_roll=200)
+S = SegmenterSettings(
+    frame_samples=100, threshold=0.5, min_speech=300, endpoint_silence=500, pre_roll=200
+)
 
 
 def test_silence_never_starts_a_segment():

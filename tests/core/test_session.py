@@ -102,7 +102,7 @@ def test_silence_produces_no_requests_and_no_events():
 
 def test_one_utterance_gives_partials_then_one_final():
     s = StreamSession("a", settings_())
-    events, requests = drive(s, np.concatenate([silence(1), speech(2), silence(1)]))
+    events, _ = drive(s, np.concatenate([silence(1), speech(2), silence(1)]))
     kinds = [e.kind for e in events]
     assert kinds[-1] == "final" and kinds.count("final") == 1
     assert "partial" in kinds

@@ -1,0 +1,1 @@
+"""Helpers for tests and tools: tiny random-weight checkpoints built offline."""

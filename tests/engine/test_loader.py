@@ -1,0 +1,101 @@
+"""Loading checkpoints of every family from disk through the one loader."""
+
+import pytest
+import torch
+
+from streamer.engine.loader import (
+    ModelSpec,
+    load_model,
+    resolve_checkpoint,
+    resolve_device,
+    resolve_dtype,
+    whisper_task,
+)
+from streamer.errors import ConfigError, ModelLoadError
+from streamer.testing.tiny_models import make_sed_bert, make_speech2text, make_whisper
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {
+        "sed": make_sed_bert(root / "sed"),
+        "whisper": make_whisper(root / "whisper"),
+        "speech2text": make_speech2text(root / "s2t"),
+    }
+
+
+@pytest.mark.parametrize("family", ["sed", "whisper", "speech2text"])
+def test_each_family_loads_from_a_folder(checkpoints, family):
+    m = load_model(ModelSpec(id=str(checkpoints[family]), device="cpu", dtype="float32"))
+    assert m.family == family
+    assert m.device == torch.device("cpu") and m.dtype == torch.float32
+    assert next(m.model.parameters()).dtype == torch.float32
+    assert not m.model.training
+    assert m.sample_rate == 16000
+    assert isinstance(m.eos_token_id, int)
+    assert m.tokenizer is not None and m.feature_extractor is not None
+
+
+def test_whisper_languages_and_tasks(checkpoints):
+    m = load_model(ModelSpec(id=str(checkpoints["whisper"]), device="cpu", source_language="fr"))
+    assert "fr" in m.lang_to_id and "en" in m.lang_to_id
+    assert set(m.task_to_id) == {"transcribe", "translate"}
+    assert m.extra["sot"] == m.model.generation_config.decoder_start_token_id
+
+
+def test_whisper_cannot_translate_into_german(checkpoints):
+    spec = ModelSpec(id=str(checkpoints["whisper"]), source_language="fr", target_language="de")
+    with pytest.raises(ConfigError, match="only into English"):
+        load_model(spec)
+
+
+def test_whisper_unknown_source_language(checkpoints):
+    spec = ModelSpec(id=str(checkpoints["whisper"]), source_language="xx")
+    with pytest.raises(ConfigError, match="not a language"):
+        load_model(spec)
+
+
+def test_half_precision_loads_on_cpu(checkpoints):
+    m = load_model(ModelSpec(id=str(checkpoints["sed"]), device="cpu", dtype="bf16"))
+    assert next(m.model.parameters()).dtype == torch.bfloat16
+
+
+def test_task_rule():
+    assert whisper_task("fr", "en", "auto") == "translate"
+    assert whisper_task("en", "en", "auto") == "transcribe"
+    assert whisper_task("fr", "en", "transcribe") == "transcribe"
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        load_model(ModelSpec(id=str(tmp_path / "nope"), device="cpu"))
+
+
+def test_corrupt_checkpoint_is_a_clear_error(checkpoints, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoints["sed"], bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError):
+        load_model(ModelSpec(id=str(bad), device="cpu"))
+
+
+def test_devices_and_dtypes():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in {"cpu", "cuda"}
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("fp16", torch.device("cpu")) == torch.float16
+    with pytest.raises(ConfigError):
+        resolve_dtype("int3", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="no CUDA"):
+            resolve_device("cuda:0")
+
+
+def test_unknown_builtin():
+    with pytest.raises(ConfigError, match="unknown builtin"):
+        resolve_checkpoint("builtin:nothing")
+    assert resolve_checkpoint("org/model") == "org/model"

@@ -1,0 +1,145 @@
+"""The asyncio stream driver on a real (tiny) model, real VAD and real audio files."""
+
+import asyncio
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from streamer.audio.sources import FileSource
+from streamer.config import (
+    Config,
+    ConsoleConfig,
+    JsonlConfig,
+    ModelConfig,
+    SourceConfig,
+    StreamingConfig,
+    VadConfig,
+    WebSocketConfig,
+)
+from streamer.engine.client import EngineClient
+from streamer.engine.core import Engine
+from streamer.engine.decoding import Decoder
+from streamer.engine.loader import ModelSpec, load_model
+from streamer.service.app import App, StreamFactory
+from streamer.testing.tiny_models import make_whisper
+
+CLIP = "tests/data/audio/fleurs-en-004.ogg"
+
+
+@pytest.fixture(scope="module")
+def tiny_whisper(tmp_path_factory):
+    return make_whisper(tmp_path_factory.mktemp("tiny") / "whisper")
+
+
+@pytest.fixture
+async def engine(tiny_whisper):
+    loaded = load_model(
+        ModelSpec(id=str(tiny_whisper), device="cpu", source_language="en", target_language="en")
+    )
+    eng = Engine(Decoder(loaded))
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def config(tiny_whisper, **streaming):
+    return Config(
+        model=ModelConfig(
+            id=str(tiny_whisper), device="cpu", source_language="en", target_language="en"
+        ),
+        streaming=dataclasses.replace(
+            StreamingConfig(), chunk_ms=500, max_tokens_per_second=3.0, min_tokens=2, **streaming
+        ),
+        vad=VadConfig(backend="silero"),
+    )
+
+
+async def run_file(engine, cfg, path, partials=True, realtime=False):
+    client = EngineClient(engine)
+    events, requests = [], []
+    factory = StreamFactory(cfg, client, events.append, partials=partials)
+    runner = factory.create("s")
+    submit = client.submit
+
+    def spy(req):
+        requests.append(req)
+        return submit(req)
+
+    client.submit = spy
+    await runner.run(FileSource(path, "s", 16000, realtime=realtime).blocks())
+    assert await runner.wait_done(60)
+    return events, requests
+
+
+async def test_clip_gives_partials_then_final_with_latency(engine, tiny_whisper):
+    # paced in real time: partials only make sense while the segment is still open
+    events, requests = await run_file(engine, config(tiny_whisper), CLIP, realtime=True)
+    kinds = [e.kind for e in events]
+    assert "partial" in kinds and kinds[-1] == "final"
+    assert all(e.latency_ms is not None and e.latency_ms >= 0 for e in events)
+    assert [e.seq for e in events] == sorted({e.seq for e in events})
+    assert all(r.lang == "en" for r in requests)
+
+
+async def test_final_equals_offline_greedy_decode_without_stabilisation(engine, tiny_whisper):
+    cfg = config(tiny_whisper, agreement_n=0)
+    events, requests = await run_file(engine, cfg, CLIP)
+    finals = [e for e in events if e.kind == "final"]
+    final_reqs = [r for r in requests if r.kind == "final"]
+    assert finals and len(finals) == len(final_reqs)
+    dec = engine.decoder
+    for ev, req in zip(finals, final_reqs, strict=True):
+        assert req.forced == ()
+        audio, _ = sf.read(CLIP, dtype="float32")
+        window = audio[req.start : req.end]
+        # offline: generate() on exactly that audio with the same prompt
+        import torch
+        from transformers import GenerationMixin
+
+        feats = dec.features(window)
+        prefix = dec.start_tokens(req.prompt, "en")
+        out = GenerationMixin.generate(
+            dec.model,
+            **feats,
+            decoder_input_ids=torch.tensor([prefix]),
+            max_new_tokens=req.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+        )[0, len(prefix) :].tolist()
+        offline = dec.m.tokenizer.decode(out, skip_special_tokens=True).strip()
+        assert ev.text == offline or ev.text == offline.strip()
+
+
+@pytest.mark.parametrize("kind", ["silence", "white_noise", "tone"])
+async def test_non_speech_produces_no_captions(engine, tiny_whisper, tmp_path, kind):
+    rng = np.random.default_rng(0)
+    n = 16000 * 4
+    audio = {
+        "silence": np.zeros(n),
+        "white_noise": rng.normal(0, 0.1, n),
+        "tone": 0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / 16000),
+    }[kind].astype(np.float32)
+    path = tmp_path / f"{kind}.wav"
+    sf.write(path, audio, 16000)
+    events, requests = await run_file(engine, config(tiny_whisper), path)
+    assert events == [] and requests == []
+
+
+async def test_app_runs_a_file_to_the_end(tiny_whisper, tmp_path):
+    out = tmp_path / "events.jsonl"
+    cfg = dataclasses.replace(
+        config(tiny_whisper),
+        sources=(SourceConfig(type="file", stream="f", path=CLIP, pace="fast"),),
+        websocket=WebSocketConfig(port=0),
+        console=ConsoleConfig(enabled=False),
+        jsonl=JsonlConfig(path=str(out)),
+    )
+    app = App(cfg)
+    code = await asyncio.wait_for(app.run(), 120)
+    assert code == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines and lines[-1]["type"] == "final" and lines[-1]["stream"] == "f"
+    assert app.server is None  # closed at shutdown
