@@ -99,3 +99,17 @@ def test_unknown_builtin():
     with pytest.raises(ConfigError, match="unknown builtin"):
         resolve_checkpoint("builtin:nothing")
     assert resolve_checkpoint("org/model") == "org/model"
+
+
+def test_sed_target_language_picks_the_decoders_language_token(tmp_path):
+    from streamer.engine.decoding import Decoder
+    from streamer.testing.tiny_models import make_sed_mbart
+
+    path = make_sed_mbart(tmp_path / "mbart")
+    m = load_model(ModelSpec(id=str(path), device="cpu", target_language="fr"))
+    fr = m.tokenizer.convert_tokens_to_ids("fr_XX")
+    assert m.extra["lang_token"] == fr
+    start = m.model.generation_config.decoder_start_token_id
+    assert Decoder(m).start_tokens((), None) == [start, fr]
+    de = load_model(ModelSpec(id=str(path), device="cpu", target_language="de"))
+    assert de.extra["lang_token"] == m.tokenizer.convert_tokens_to_ids("de_DE")
