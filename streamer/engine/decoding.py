@@ -56,11 +56,15 @@ def find_loop(tokens: list[int], min_span: int = 12, min_repeats: int = 3) -> in
 class Decoder:
     """Runs one ``DecodeRequest`` on a loaded model (called on the engine thread)."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, whisper_input: str = "padded") -> None:
+        if whisper_input not in ("padded", "trimmed"):
+            raise ValueError(f"whisper_input must be padded or trimmed, not {whisper_input!r}")
         self.m = loaded
+        self.trimmed = loaded.family == "whisper" and whisper_input == "trimmed"
         self.model = loaded.model
         self.pieces = TokenPieces(loaded.tokenizer)
         self.loop_guard = True  # exactness tests against generate() turn it off
+        self.num_beams = max(1, loaded.spec.num_beams)
         self._encoder = self.model.get_encoder()
         self._proj = getattr(self.model, "enc_to_dec_proj", None)
         vocab = int(self.model.get_output_embeddings().weight.shape[0])
@@ -77,6 +81,8 @@ class Decoder:
     def features(self, audio: FloatArray) -> dict[str, torch.Tensor]:
         fe = self.m.feature_extractor
         kwargs: dict[str, Any] = {"sampling_rate": self.m.sample_rate, "return_tensors": "pt"}
+        if self.trimmed:
+            kwargs["padding"] = "longest"
         if self.m.family != "whisper":
             kwargs["return_attention_mask"] = True
         out = fe(np.asarray(audio, dtype=np.float32), **kwargs)
@@ -88,7 +94,10 @@ class Decoder:
 
     def encode(self, audio: FloatArray) -> EncodedWindow:
         feats = self.features(audio)
-        hidden = self._encoder(**feats).last_hidden_state
+        if self.trimmed:
+            hidden = self._encode_trimmed(feats["input_features"])
+        else:
+            hidden = self._encoder(**feats).last_hidden_state
         mask = None
         if "attention_mask" in feats and hasattr(
             self._encoder, "_get_feature_vector_attention_mask"
@@ -103,6 +112,31 @@ class Decoder:
         if self._proj is not None and self.m.family == "sed":
             hidden = self._proj(hidden)
         return EncodedWindow(hidden, mask)
+
+    def _encode_trimmed(self, feats: torch.Tensor) -> torch.Tensor:
+        """Whisper's encoder on a window shorter than 30 s.
+
+        The stock forward insists on 3000 mel frames; this runs the same layers
+        on the window's own frames with the first T rows of the position table
+        (the encoder is otherwise local up to global self-attention). For a
+        full 3000-frame input it equals the stock encoder exactly.
+        """
+        enc = self._encoder
+        max_frames = enc.config.max_source_positions * enc.conv1.stride[0] * enc.conv2.stride[0]
+        frames = min(max(feats.shape[-1] + feats.shape[-1] % 2, 2), max_frames)
+        if feats.shape[-1] < frames:
+            feats = torch.nn.functional.pad(
+                feats, (0, frames - feats.shape[-1]), value=float(feats.min())
+            )
+        feats = feats[..., :frames]
+        x = torch.nn.functional.gelu(enc.conv1(feats))
+        x = torch.nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
+        x = x + enc.embed_positions.weight[: x.shape[1]]
+        for layer in enc.layers:
+            x = layer(x, None)
+            if isinstance(x, tuple):
+                x = x[0]
+        return enc.layer_norm(x)  # type: ignore[no-any-return]
 
     # --------------------------------------------------------------- decoder
     def new_cache(self) -> Any:
@@ -207,6 +241,72 @@ class Decoder:
             logits = self.logits(ids, enc, cache)
         return out, False
 
+    def beam(
+        self, enc: EncodedWindow, prefix: list[int], max_new_tokens: int, num_beams: int
+    ) -> tuple[list[int], bool]:
+        """Beam search after ``prefix`` with one KV cache row per beam.
+
+        Scores are summed log-probabilities; a hypothesis that ends (EOS) is
+        ranked by its score divided by its length (length penalty 1.0, as in
+        ``generate``). The cache rows follow their beams with
+        ``reorder_cache``; encoder states are repeated once per window.
+        """
+        if num_beams <= 1:
+            return self.greedy(enc, prefix, max_new_tokens)
+        dev = self.m.device
+        cache = self.new_cache()
+        ids = torch.tensor([prefix], dtype=torch.long, device=dev)
+        logits = self.logits(ids, enc, cache)
+        cache.batch_repeat_interleave(num_beams)
+        enc = EncodedWindow(
+            enc.hidden.repeat_interleave(num_beams, 0),
+            None if enc.mask is None else enc.mask.repeat_interleave(num_beams, 0),
+        )
+        logits = logits.repeat_interleave(num_beams, 0)
+        scores = torch.full((num_beams,), -float("inf"), device=dev)
+        scores[0] = 0.0  # all beams start identical: expand only the first
+        seqs: list[list[int]] = [[] for _ in range(num_beams)]
+        finished: list[tuple[float, list[int]]] = []
+        for step in range(max_new_tokens):
+            if self._suppress.numel():
+                logits[:, self._suppress] = -float("inf")
+            if step == 0 and self._begin_suppress.numel():
+                logits[:, self._begin_suppress] = -float("inf")
+            logp = torch.log_softmax(logits, dim=-1) + scores[:, None]
+            top = torch.topk(logp.flatten(), 2 * num_beams)
+            vocab = logp.shape[-1]
+            new_seqs: list[list[int]] = []
+            rows: list[int] = []
+            new_scores: list[float] = []
+            for rank, (value, flat) in enumerate(
+                zip(top.values.tolist(), top.indices.tolist(), strict=True)
+            ):
+                row, tok = divmod(int(flat), vocab)
+                if tok == self.m.eos_token_id:
+                    if rank < num_beams:
+                        finished.append((value / (len(seqs[row]) + 1), seqs[row]))
+                    continue
+                new_seqs.append([*seqs[row], tok])
+                rows.append(row)
+                new_scores.append(value)
+                if len(new_seqs) == num_beams:
+                    break
+            best_running = max(new_scores) / (step + 2)
+            if len(finished) >= num_beams and max(f[0] for f in finished) >= best_running:
+                break
+            seqs = new_seqs
+            scores = torch.tensor(new_scores, device=dev)
+            if step + 1 == max_new_tokens:
+                break
+            cache.reorder_cache(torch.tensor(rows, dtype=torch.long, device=dev))
+            ids = torch.tensor([[s[-1]] for s in seqs], dtype=torch.long, device=dev)
+            logits = self.logits(ids, enc, cache)
+        for score, seq in zip(scores.tolist(), seqs, strict=True):
+            finished.append((score / max(len(seq), 1), seq))
+        best = max(finished, key=lambda f: f[0])[1]
+        cut = find_loop(best) if self.loop_guard else None
+        return (best, False) if cut is None else (best[:cut], True)
+
     def run(self, req: DecodeRequest) -> DecodeResult:
         with torch.inference_mode():
             enc = self.encode(req.audio)
@@ -214,7 +314,7 @@ class Decoder:
             if self.m.family == "whisper" and lang is None and self.m.lang_to_id:
                 lang = self.detect_language(enc)
             prefix = self.start_tokens(req.prompt, lang) + list(req.forced)
-            tokens, looped = self.greedy(enc, prefix, req.max_new_tokens)
+            tokens, looped = self.beam(enc, prefix, req.max_new_tokens, self.num_beams)
         pieces = self.pieces.pieces(list(req.forced), tokens)
         return DecodeResult(
             request_id=req.request_id,

@@ -91,7 +91,7 @@ def start_engine(cfg: Config) -> Engine:
     from streamer.engine.decoding import Decoder
     from streamer.engine.loader import load_model
 
-    engine = Engine(Decoder(load_model(model_spec(cfg))))
+    engine = Engine(Decoder(load_model(model_spec(cfg)), cfg.streaming.whisper_input))
     engine.start()
     return engine
 

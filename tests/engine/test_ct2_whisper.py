@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import struct
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ import soxr
 import torch
 
 from streamer.engine import ct2_whisper
+from streamer.engine.ct2_format import read_ct2_model
 from streamer.engine.ct2_whisper import (
     CHECKPOINT_NAME,
     MARKER_NAME,
@@ -31,7 +31,6 @@ from streamer.engine.ct2_whisper import (
     ensure_whisper_base,
     locate_source,
     main,
-    read_ct2_model,
 )
 from streamer.errors import ConversionError
 
@@ -363,59 +362,6 @@ def test_outdated_checkpoint_is_replaced(tmp_path: Path, monkeypatch: pytest.Mon
         f".{CHECKPOINT_NAME}.lock",
         CHECKPOINT_NAME,
     ]
-
-
-# --------------------------------------------------------------------------- parser
-
-
-def _ct2_string(text: str) -> bytes:
-    raw = text.encode()
-    return struct.pack("<H", len(raw) + 1) + raw + b"\0"
-
-
-def _write_ct2(path: Path, *, version: int = 6, extra: bytes = b"") -> None:
-    weight = np.arange(6, dtype=np.float16).reshape(2, 3)
-    out = struct.pack("<I", version) + _ct2_string("WhisperSpec") + struct.pack("<I", 3)
-    out += struct.pack("<I", 2)
-    out += _ct2_string("a/weight") + struct.pack("<B", 2) + struct.pack("<II", 2, 3)
-    out += struct.pack("<BI", 4, weight.nbytes) + weight.tobytes()
-    out += _ct2_string("a/num_heads") + struct.pack("<B", 0) + struct.pack("<BI", 2, 2)
-    out += struct.pack("<h", 8)
-    out += struct.pack("<I", 1) + _ct2_string("b/weight") + _ct2_string("a/weight")
-    path.write_bytes(out + extra)
-
-
-def test_parser_reads_variables_and_aliases_across_parts(tmp_path: Path) -> None:
-    whole = tmp_path / "model.bin"
-    _write_ct2(whole)
-    data = whole.read_bytes()
-    parts = [tmp_path / "p1", tmp_path / "p2", tmp_path / "p3"]
-    for part, chunk in zip(parts, (data[:7], data[7:40], data[40:]), strict=True):
-        part.write_bytes(chunk)
-    model = read_ct2_model(parts)
-    assert (model.spec, model.revision) == ("WhisperSpec", 3)
-    assert model.get("b/weight").tolist() == [[0, 1, 2], [3, 4, 5]]
-    assert model.get("b/weight").dtype == torch.float16
-    assert int(model.get("a/num_heads")) == 8
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [({"version": 5}, "binary version 5"), ({"extra": b"\0"}, "trailing bytes")],
-)
-def test_parser_rejects_unexpected_files(tmp_path: Path, kwargs: dict, match: str) -> None:
-    path = tmp_path / "model.bin"
-    _write_ct2(path, **kwargs)
-    with pytest.raises(ConversionError, match=match):
-        read_ct2_model([path])
-
-
-def test_parser_reports_truncation(tmp_path: Path) -> None:
-    path = tmp_path / "model.bin"
-    _write_ct2(path)
-    path.write_bytes(path.read_bytes()[:-5])
-    with pytest.raises(ConversionError, match="truncated"):
-        read_ct2_model([path])
 
 
 # --------------------------------------------------------------------------- cli, paths

@@ -32,7 +32,9 @@ def decoder(request, tmp_path_factory):
     return dec
 
 
-def reference_generate(dec: Decoder, audio, prefix: list[int], n: int) -> list[int]:
+def reference_generate(
+    dec: Decoder, audio, prefix: list[int], n: int, num_beams: int = 1
+) -> list[int]:
     """generate(do_sample=False, num_beams=1) continuing ``prefix`` on the same input."""
     feats = dec.features(audio)
     model = dec.model
@@ -41,7 +43,7 @@ def reference_generate(dec: Decoder, audio, prefix: list[int], n: int) -> list[i
         max_new_tokens=n,
         min_new_tokens=n,
         do_sample=False,
-        num_beams=1,
+        num_beams=num_beams,
     )
     kwargs.update(feats)
     if dec.m.family == "whisper":
@@ -116,3 +118,36 @@ def test_loop_guard_cuts_runaway_hypothesis(decoder, clip, monkeypatch):
 def test_window_audio_shapes(decoder):
     enc = decoder.encode(np.zeros(8000, dtype=np.float32))
     assert enc.hidden.ndim == 3 and enc.hidden.shape[0] == 1
+
+
+def test_trimmed_whisper_encoder_equals_stock_on_30_seconds(tmp_path, clip):
+    from streamer.testing.tiny_models import make_whisper
+
+    loaded = load_model(ModelSpec(id=str(make_whisper(tmp_path / "w")), device="cpu"))
+    padded, trimmed = Decoder(loaded), Decoder(loaded, "trimmed")
+    audio = np.zeros(30 * 16000, dtype=np.float32)
+    audio[: len(clip)] = clip
+    with torch.inference_mode():
+        a = padded.encode(audio).hidden
+        b = trimmed.encode(audio).hidden
+        short = trimmed.encode(clip[:16000]).hidden
+    assert torch.equal(a, b)
+    assert short.shape[1] == 50  # 1 s = 100 mel frames = 50 encoder frames
+
+
+def test_whisper_input_must_be_known(decoder):
+    with pytest.raises(ValueError, match="padded or trimmed"):
+        Decoder(decoder.m, "cropped")
+
+
+def test_beam_search_equals_generate_with_beams(decoder, clip):
+    audio = clip[: 2 * 16000]
+    prefix = decoder.start_tokens((), "fr")
+    ours, _ = decoder.beam(decoder.encode(audio), prefix, 10, 3)
+    assert ours == reference_generate(decoder, audio, prefix, 10, num_beams=3)
+
+
+def test_one_beam_is_greedy(decoder, clip):
+    enc = decoder.encode(clip[:16000])
+    prefix = decoder.start_tokens((), "fr")
+    assert decoder.beam(enc, prefix, 8, 1) == decoder.greedy(enc, prefix, 8)
