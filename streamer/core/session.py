@@ -28,7 +28,7 @@ import numpy as np
 
 from streamer.core.segmenter import Segmenter, SegmenterSettings, SpeechEnded, SpeechStarted
 from streamer.core.stabilizer import LocalAgreement
-from streamer.core.text import complete_utf8, render
+from streamer.core.text import complete_utf8, render, word_boundaries
 from streamer.core.window import AudioBuffer
 from streamer.types import FloatArray, Hypothesis
 
@@ -309,7 +309,7 @@ class StreamSession:
             return  # the segment closed meanwhile: its final supersedes this partial
         if len(result.pieces) != len(result.tokens):
             raise ValueError("a result needs one byte piece per token")
-        newly = seg.agreement.update(result.tokens)
+        newly = seg.agreement.update(result.tokens, word_boundaries(list(result.pieces)))
         seg.committed_pieces.extend(result.pieces[: len(newly)])
         tentative = b"".join(result.pieces[len(newly) :])
         committed_text, tentative_text = render(b"".join(seg.committed_pieces), tentative)

@@ -44,8 +44,15 @@ class LocalAgreement:
     def tentative(self) -> tuple[int, ...]:
         return self._tentative
 
-    def update(self, new_tokens: Sequence[int]) -> tuple[int, ...]:
-        """Take the tokens generated after the committed prefix; return newly committed ones."""
+    def update(
+        self, new_tokens: Sequence[int], boundaries: Sequence[bool] | None = None
+    ) -> tuple[int, ...]:
+        """Take the tokens generated after the committed prefix; return newly committed ones.
+
+        ``boundaries[j]`` says whether a commit may end after the first ``j``
+        tokens (a word boundary); the agreed prefix is shortened to the last
+        boundary, so a half word is never committed. Default: anywhere.
+        """
         tail = tuple(new_tokens)
         if self.n == 0:
             self._tentative = tail
@@ -54,6 +61,9 @@ class LocalAgreement:
         newly: tuple[int, ...] = ()
         if len(self._tails) >= self.n:
             k = common_prefix_length(list(self._tails))
+            if boundaries is not None:
+                while k > 0 and not boundaries[k]:
+                    k -= 1
             if k:
                 newly = tail[:k]
                 self._committed.extend(newly)

@@ -35,3 +35,28 @@ def render(committed: bytes, tentative: bytes) -> tuple[str, str]:
         committed_text = ""
     del used
     return committed_text, full[len(committed_text) :]
+
+
+_CLOSING = frozenset(b".,;:!?)]}\"'")
+
+
+def word_boundaries(pieces: list[bytes]) -> list[bool]:
+    """``out[j]``: may a commit end after the first ``j`` of these token pieces?
+
+    Yes before a piece that starts a word (leading white space), after
+    closing punctuation, and around CJK text (no spaces between words); never
+    inside a UTF-8 character or a word. ``out[len(pieces)]`` is False: the
+    last token's word may still grow.
+    """
+    out = [True]
+    for j in range(1, len(pieces)):
+        nxt, prev = pieces[j], pieces[j - 1]
+        out.append(
+            not nxt
+            or nxt[:1].isspace()
+            or (bool(prev) and prev[-1] in _CLOSING)
+            or nxt[0] >= 0xE3  # lead byte of CJK and other scripts written without spaces
+        )
+    if pieces:
+        out.append(False)
+    return out

@@ -1,5 +1,7 @@
 """The sans-I/O session driven by plain lists and a scripted 'model'."""
 
+import itertools
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -242,3 +244,51 @@ def test_properties_any_speech_pattern(pattern, n, block, aligned):
     final_words = " ".join(finals[k] for k in sorted(finals)).split()
     assert len(final_words) == len(set(final_words))
     assert final_words == sorted(final_words, key=lambda w: int(w[1:]))
+
+
+def test_word_boundaries():
+    from streamer.core.text import word_boundaries
+
+    assert word_boundaries([]) == [True]
+    assert word_boundaries([b" Hel", b"lo", b" world", b"."]) == [True, False, True, False, False]
+    assert word_boundaries([b" a", b",", b"b"]) == [True, False, True, False]
+    assert word_boundaries([" 日".encode(), "本".encode()]) == [True, True, False]
+
+
+def test_half_words_are_never_committed():
+    def model(req):
+        pieces = (b" nation", b"al", b" assem", b"bly", b" today")
+        n = len(req.forced)
+        return DecodeResult(req.request_id, tuple(range(n, 5)), pieces[n:])
+
+    s = StreamSession("a", settings_(agreement_n=1))
+    events, _ = drive(s, np.concatenate([speech(3), silence(1)]), engine=model)
+    committed = {e.committed for e in events if e.kind == "partial"}
+    assert committed <= {"", "national", "national assembly"}
+    assert events[-1].text == "national assembly today"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.tuples(st.booleans(), st.floats(0.05, 4.0)), min_size=1, max_size=8),
+    st.integers(40, 700),
+    st.sampled_from([2, 3, 6]),
+)
+def test_final_windows_cover_all_speech_without_gaps(pattern, block, max_segment_s):
+    s = StreamSession("a", settings_(max_segment=max_segment_s * SR))
+    pieces = [speech(d) if loud else silence(d) for loud, d in pattern]
+    audio = np.concatenate(pieces)
+    _, requests = drive(s, audio, block=block)
+    windows = sorted((r.start, r.end) for r in requests if r.kind == "final")
+    covered = np.zeros(len(audio), dtype=bool)
+    for a, b in windows:
+        covered[a:b] = True
+    pos = 0
+    for piece, (loud, _) in zip(pieces, pattern, strict=True):
+        # speech long enough to be confirmed (min_speech + a frame of slack) is all decoded
+        if loud and len(piece) >= 160 + 80:
+            assert covered[pos : pos + len(piece)].all(), (pos, len(piece), windows)
+        pos += len(piece)
+    # consecutive final windows never overlap beyond the configured left context
+    for (_, b0), (a1, _) in itertools.pairwise(windows):
+        assert a1 >= b0 - s.s.left_context

@@ -49,3 +49,11 @@ def test_committed_is_append_only_for_any_hypotheses(n, hyps):
         assert la.committed == before + newly
         assert tuple(h[: len(newly)]) == newly
         before = la.committed
+
+
+def test_commit_stops_at_the_last_word_boundary():
+    la = LocalAgreement(2)
+    la.update([1, 2, 3, 4])
+    # agreed on 3 tokens, but a word only ends after token 2
+    assert la.update([1, 2, 3, 5], [True, False, True, False, False]) == (1, 2)
+    assert la.tentative == (3, 5)
