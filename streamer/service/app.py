@@ -35,6 +35,7 @@ from streamer.types import Hypothesis
 if TYPE_CHECKING:
     from streamer.engine.client import EngineClient
     from streamer.engine.core import Engine
+    from streamer.engine.decoding import Decoder
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +86,19 @@ def model_spec(cfg: Config) -> Any:
     )
 
 
-def start_engine(cfg: Config) -> Engine:
-    """Load the model and start the engine thread (blocking: call off the loop)."""
-    from streamer.engine.core import Engine
+def make_decoder(cfg: Config) -> Decoder:
+    """Load the configured model into the daemon's decoder (blocking)."""
     from streamer.engine.decoding import Decoder
     from streamer.engine.loader import load_model
 
-    engine = Engine(Decoder(load_model(model_spec(cfg)), cfg.streaming.whisper_input))
+    return Decoder(load_model(model_spec(cfg)), cfg.streaming.whisper_input)
+
+
+def start_engine(cfg: Config) -> Engine:
+    """Load the model and start the engine thread (blocking: call off the loop)."""
+    from streamer.engine.core import Engine
+
+    engine = Engine(make_decoder(cfg))
     engine.start()
     return engine
 
