@@ -15,7 +15,7 @@ from pathlib import Path
 
 from streamer import __version__
 from streamer.config import Config, dump_toml, load_config
-from streamer.errors import StreamerError
+from streamer.errors import ConfigError, StreamerError
 
 log = logging.getLogger("streamer")
 
@@ -54,14 +54,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_transcribe(args: argparse.Namespace) -> int:
     cfg = _config(args)
     _setup_logging(args.log_level or "warning")
-    from streamer.service.transcribe import transcribe_files
+    from streamer.service.transcribe import atomic_text_file, transcribe_files
 
-    out = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
-    try:
-        return asyncio.run(transcribe_files(cfg, [Path(f) for f in args.files], args.format, out))
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    files = [Path(f) for f in args.files]
+    if args.format == "srt" and len(files) > 1:
+        if not args.output or not Path(args.output).is_dir():
+            raise ConfigError(
+                "an SRT file holds one recording: with several files, -o must name a folder"
+            )
+        return asyncio.run(transcribe_files(cfg, files, "srt", sys.stdout, Path(args.output)))
+    if args.output in (None, "-"):
+        return asyncio.run(transcribe_files(cfg, files, args.format, sys.stdout))
+    with atomic_text_file(Path(args.output)) as out:
+        return asyncio.run(transcribe_files(cfg, files, args.format, out))
 
 
 def cmd_devices(args: argparse.Namespace) -> int:

@@ -290,6 +290,15 @@ class AudioFileReader:
                 self._lock.release()
 
 
+def probe_audio(path: str | Path) -> float:
+    """Duration in seconds of a readable audio file; ``AudioError`` otherwise.
+
+    Lets the daemon reject a bad source before spending seconds loading a model.
+    """
+    with _open_sound_file(Path(path)) as f:
+        return float(f.frames) / float(f.samplerate) if f.samplerate else 0.0
+
+
 def load_audio(
     path: str | os.PathLike[str], target_rate: int, *, quality: Quality = "HQ"
 ) -> FloatArray:

@@ -110,6 +110,10 @@ def resolve_checkpoint(model_id: str, cache_dir: str = "") -> str:
         return str(ensure_whisper_base(cache))
     if model_id.startswith("builtin:"):
         raise ConfigError(f"unknown builtin model {model_id!r}", key="model.id")
+    path = Path(model_id).expanduser()
+    looks_local = path.is_absolute() or model_id.startswith(("./", "../", "~"))
+    if looks_local and not path.is_dir():
+        raise ModelLoadError(f"no such model folder: {path}")
     return model_id
 
 

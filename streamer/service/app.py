@@ -152,6 +152,15 @@ def open_source(src: SourceConfig, sample_rate: int) -> Any:
     )
 
 
+def probe_file_sources(cfg: Config) -> None:
+    """Fail fast on unreadable source files, before the model loads."""
+    from streamer.audio.resample import probe_audio
+
+    for src in cfg.sources:
+        if src.type == "file":
+            probe_audio(resolve_audio_path(src.path))
+
+
 class App:
     """The daemon: one instance per process."""
 
@@ -215,6 +224,7 @@ class App:
             await self.server.start()
             log.info("captions on ws://%s:%d/v1/captions", ws.host, self.server.port)
         try:
+            await asyncio.to_thread(probe_file_sources, self.cfg)
             self.engine = await asyncio.to_thread(start_engine, self.cfg)
         except StreamerError:
             await self._close_server()
