@@ -68,9 +68,14 @@ def test_task_rule():
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match="cannot load"):
+    with pytest.raises(ModelLoadError, match="no such model folder"):
         load_model(ModelSpec(id=str(tmp_path / "nope"), device="cpu"))
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # for the loader's hint
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import
+    with pytest.raises(ModelLoadError, match=r"cannot load 'org/not-cached'.*HF_HUB_OFFLINE"):
+        load_model(ModelSpec(id="org/not-cached", device="cpu"))
 
 
 def test_corrupt_checkpoint_is_a_clear_error(checkpoints, tmp_path):
