@@ -5,5 +5,5 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/tools/bootstrap.sh"
 cd "$root"
 .venv/bin/ruff check streamer tests tools
-.venv/bin/mypy streamer
+.venv/bin/mypy streamer tools
 exec .venv/bin/python -m pytest "$@"

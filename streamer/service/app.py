@@ -198,16 +198,16 @@ class App:
                 loop.add_signal_handler(sig, self._on_signal, sig)
 
     def _start_sinks(self) -> None:
+        sinks: list[ConsoleSink | JsonlSink] = []
         if self.cfg.console.enabled:
-            sub = self.fanout.subscribe(name="console")
-            sink = ConsoleSink(sys.stdout, partials=self.cfg.console.partials)
-            self._sink_subs.append(sub)
-            self._sink_tasks.append(asyncio.create_task(sink.run(sub), name="sink-console"))
+            sinks.append(ConsoleSink(sys.stdout, partials=self.cfg.console.partials))
         if self.cfg.jsonl.path:
-            sub = self.fanout.subscribe(name="jsonl")
-            jsonl = JsonlSink(self.cfg.jsonl.path)
+            sinks.append(JsonlSink(self.cfg.jsonl.path))
+        for sink in sinks:
+            name = type(sink).__name__.removesuffix("Sink").lower()
+            sub = self.fanout.subscribe(kinds=sink.kinds, name=name)
             self._sink_subs.append(sub)
-            self._sink_tasks.append(asyncio.create_task(jsonl.run(sub), name="sink-jsonl"))
+            self._sink_tasks.append(asyncio.create_task(sink.run(sub), name=f"sink-{name}"))
 
     async def run(self) -> int:
         self._install_signals()

@@ -21,10 +21,10 @@ from streamer.config import (
 )
 from streamer.engine.client import EngineClient
 from streamer.engine.core import Engine
-from streamer.engine.decoding import Decoder
+from streamer.engine.decoding import Decoder, find_loop
 from streamer.engine.loader import ModelSpec, load_model
-from streamer.service.app import App, StreamFactory
-from streamer.testing.tiny_models import make_whisper
+from streamer.service.app import App, StreamFactory, model_spec
+from streamer.testing.tiny_models import FAMILIES, make_whisper
 
 CLIP = "tests/data/audio/fleurs-en-004.ogg"
 
@@ -84,24 +84,32 @@ async def test_clip_gives_partials_then_final_with_latency(engine, tiny_whisper)
     assert all(r.lang == "en" for r in requests)
 
 
-async def test_final_equals_offline_greedy_decode_without_stabilisation(engine, tiny_whisper):
-    cfg = config(tiny_whisper, agreement_n=0)
-    events, requests = await run_file(engine, cfg, CLIP)
+@pytest.mark.parametrize("family", ["whisper", "sed_bert", "speech2text"])
+async def test_final_equals_offline_greedy_decode_without_stabilisation(family, tmp_path):
+    """With commits off, each final is generate() on exactly its segment's window."""
+    import torch
+    from transformers import GenerationMixin
+
+    path = FAMILIES[family](tmp_path / family)
+    cfg = config(path, agreement_n=0)
+    eng = Engine(Decoder(load_model(model_spec(cfg))))
+    eng.start()
+    try:
+        events, requests = await run_file(eng, cfg, CLIP)
+    finally:
+        eng.stop()
     finals = [e for e in events if e.kind == "final"]
     final_reqs = [r for r in requests if r.kind == "final"]
     assert finals and len(finals) == len(final_reqs)
-    dec = engine.decoder
+    dec = eng.decoder
+    audio, _ = sf.read(CLIP, dtype="float32")
     for ev, req in zip(finals, final_reqs, strict=True):
         assert req.forced == ()
-        audio, _ = sf.read(CLIP, dtype="float32")
-        window = audio[req.start : req.end]
-        # offline: generate() on exactly that audio with the same prompt
-        import torch
-        from transformers import GenerationMixin
-
-        feats = dec.features(window)
+        assert np.array_equal(req.audio, audio[req.start : req.end])
+        feats = dec.features(req.audio)
         prefix = dec.start_tokens(req.prompt, "en")
-        out = GenerationMixin.generate(
+        generate = GenerationMixin.generate if family == "whisper" else type(dec.model).generate
+        out = generate(
             dec.model,
             **feats,
             decoder_input_ids=torch.tensor([prefix]),
@@ -109,8 +117,12 @@ async def test_final_equals_offline_greedy_decode_without_stabilisation(engine, 
             do_sample=False,
             num_beams=1,
         )[0, len(prefix) :].tolist()
-        offline = dec.m.tokenizer.decode(out, skip_special_tokens=True).strip()
-        assert ev.text == offline or ev.text == offline.strip()
+        out = [t for t in out if t != dec.m.eos_token_id]
+        cut = find_loop(out)  # the daemon's loop guard; the same cut applies offline
+        offline = dec.m.tokenizer.decode(
+            out if cut is None else out[:cut], skip_special_tokens=True
+        )
+        assert ev.text == offline.strip()
 
 
 @pytest.mark.parametrize("kind", ["silence", "white_noise", "tone"])
