@@ -14,7 +14,10 @@ hypotheses agree on; at an endpoint, at ``max_segment`` or at end of stream
 the segment is decoded once more (same forced prefix) and emitted as a final.
 At most one request per stream is in flight; a final is never dropped, a
 partial is simply not requested while the engine is busy (partials get
-sparser instead of queues growing).
+sparser instead of queues growing). When a segment closes while a partial is
+still being decoded, its final is sent at once, marked as superseding that
+partial (``supersedes``), so the engine can abandon the stale work instead of
+making the final wait for it.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ class DecodeRequest:
     forced: tuple[int, ...]
     max_new_tokens: int
     lang: str | None = None  # source language; None: the engine detects it
+    supersedes: int | None = None  # a request of this stream whose result is no longer wanted
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +116,8 @@ class StreamSession:
         self.segmenter = Segmenter(settings.segmenter)
         self._open: _Segment | None = None
         self._closing: deque[_Segment] = deque()  # closed, waiting for their final
-        self._in_flight: tuple[DecodeRequest, _Segment] | None = None
+        self._in_flight: dict[int, tuple[DecodeRequest, _Segment]] = {}
+        self._abandoned: set[int] = set()  # superseded partials still in flight
         self._requests: list[DecodeRequest] = []
         self._events: list[Hypothesis] = []
         self._next_request = 0
@@ -159,10 +164,13 @@ class StreamSession:
             self._schedule()
 
     def receive_result(self, result: DecodeResult) -> None:
-        if self._in_flight is None or self._in_flight[0].request_id != result.request_id:
+        if result.request_id not in self._in_flight:
             raise ValueError(f"unexpected result for request {result.request_id}")
-        req, seg = self._in_flight
-        self._in_flight = None
+        req, seg = self._in_flight.pop(result.request_id)
+        if result.request_id in self._abandoned:
+            self._abandoned.discard(result.request_id)
+            self._schedule()
+            return
         if result.lang:
             seg.lang = result.lang
         if result.error is not None:
@@ -190,13 +198,13 @@ class StreamSession:
             self._ended
             and self._open is None
             and not self._closing
-            and self._in_flight is None
+            and not self._in_flight
             and not self._requests
         )
 
     @property
     def busy(self) -> bool:
-        return self._in_flight is not None
+        return bool(self._in_flight)
 
     @property
     def frontier(self) -> int:
@@ -256,7 +264,9 @@ class StreamSession:
         start = max(seg.ctx_start, end - self.s.max_window, self.buffer.start)
         return start, end
 
-    def _make_request(self, seg: _Segment, kind: RequestKind, end: int) -> DecodeRequest:
+    def _make_request(
+        self, seg: _Segment, kind: RequestKind, end: int, supersedes: int | None = None
+    ) -> DecodeRequest:
         start, end = self._window(seg, end)
         forced = seg.agreement.committed
         req = DecodeRequest(
@@ -271,14 +281,26 @@ class StreamSession:
             forced=forced,
             max_new_tokens=self.s.max_new_tokens(end - start, len(forced)),
             lang=seg.lang,
+            supersedes=supersedes,
         )
         self._next_request += 1
-        self._in_flight = (req, seg)
+        self._in_flight[req.request_id] = (req, seg)
         self._requests.append(req)
         return req
 
     def _schedule(self) -> None:
-        if self._in_flight is None:
+        live = [rid for rid in self._in_flight if rid not in self._abandoned]
+        if live and self._closing:
+            # Only a partial can be live here (finals go first); its segment has
+            # closed, so its result is moot: abandon it and send the final now.
+            (rid,) = live
+            req, _ = self._in_flight[rid]
+            if req.kind == "partial":
+                self._abandoned.add(rid)
+                seg = self._closing[0]
+                assert seg.window_end is not None
+                self._make_request(seg, "final", seg.window_end, supersedes=rid)
+        elif not live:
             if self._closing:
                 seg = self._closing[0]
                 assert seg.window_end is not None

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from streamer.core.session import DecodeRequest, DecodeResult
-from streamer.engine.decoding import Decoder
+from streamer.engine.decoding import DecodeCancelled, Decoder
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ class Engine:
         self._max_oom = max_consecutive_oom
         self._oom_run = 0
         self._stopping = False
+        self._cancelled: set[tuple[str, int]] = set()  # superseded (stream, request id)
+        self.cancelled_requests = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -74,6 +76,8 @@ class Engine:
     def submit(self, req: DecodeRequest, callback: ResultCallback) -> None:
         if self.fatal is not None:
             raise RuntimeError(f"engine stopped: {self.fatal}")
+        if req.supersedes is not None:
+            self._cancelled.add((req.stream, req.supersedes))
         self._queue.put((req, callback))
 
     def stop(self, timeout: float = 10.0) -> bool:
@@ -107,9 +111,13 @@ class Engine:
 
     def _execute(self, req: DecodeRequest) -> DecodeResult:
         t0 = time.monotonic()
+        key = (req.stream, req.request_id)
         try:
-            result = self.decoder.run(req)
+            result = self.decoder.run(req, lambda: key in self._cancelled)
             self._oom_run = 0
+        except DecodeCancelled:
+            self.cancelled_requests += 1
+            return DecodeResult(req.request_id, (), (), error="cancelled")
         except torch.OutOfMemoryError:
             self._oom_run += 1
             self.stats.failed += 1
@@ -127,6 +135,7 @@ class Engine:
                 log.exception("decoding failed for stream %s", req.stream)
             return DecodeResult(req.request_id, (), (), error=f"{type(exc).__name__}: {exc}")
         finally:
+            self._cancelled.discard(key)
             self.stats.busy_seconds += time.monotonic() - t0
             self.heartbeat = time.monotonic()
         self.stats.requests += 1

@@ -14,6 +14,7 @@ everywhere, begin-suppress tokens on the first generated position.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,14 @@ def find_loop(tokens: list[int], min_span: int = 12, min_repeats: int = 3) -> in
         if reps >= need:
             return n_tok - (reps - 1) * period
     return None
+
+
+class DecodeCancelled(Exception):
+    """The request was superseded while it was being decoded."""
+
+
+def _never() -> bool:
+    return False
 
 
 class Decoder:
@@ -216,9 +225,17 @@ class Decoder:
         return langs[best][0]
 
     def greedy(
-        self, enc: EncodedWindow, prefix: list[int], max_new_tokens: int
+        self,
+        enc: EncodedWindow,
+        prefix: list[int],
+        max_new_tokens: int,
+        cancelled: Callable[[], bool] = _never,
     ) -> tuple[list[int], bool]:
-        """Greedy decode after ``prefix``; returns (new tokens without EOS, looped)."""
+        """Greedy decode after ``prefix``; returns (new tokens without EOS, looped).
+
+        ``cancelled`` is polled between tokens: a superseded request stops
+        within one decoder pass (``DecodeCancelled``).
+        """
         cache = self.new_cache()
         ids = torch.tensor([prefix], dtype=torch.long, device=self.m.device)
         logits = self.logits(ids, enc, cache)
@@ -237,12 +254,19 @@ class Decoder:
                 return out[:cut], True
             if step + 1 == max_new_tokens:
                 break
+            if cancelled():
+                raise DecodeCancelled
             ids = torch.tensor([[tok]], dtype=torch.long, device=self.m.device)
             logits = self.logits(ids, enc, cache)
         return out, False
 
     def beam(
-        self, enc: EncodedWindow, prefix: list[int], max_new_tokens: int, num_beams: int
+        self,
+        enc: EncodedWindow,
+        prefix: list[int],
+        max_new_tokens: int,
+        num_beams: int,
+        cancelled: Callable[[], bool] = _never,
     ) -> tuple[list[int], bool]:
         """Beam search after ``prefix`` with one KV cache row per beam.
 
@@ -252,7 +276,7 @@ class Decoder:
         ``reorder_cache``; encoder states are repeated once per window.
         """
         if num_beams <= 1:
-            return self.greedy(enc, prefix, max_new_tokens)
+            return self.greedy(enc, prefix, max_new_tokens, cancelled)
         dev = self.m.device
         cache = self.new_cache()
         ids = torch.tensor([prefix], dtype=torch.long, device=dev)
@@ -298,6 +322,8 @@ class Decoder:
             scores = torch.tensor(new_scores, device=dev)
             if step + 1 == max_new_tokens:
                 break
+            if cancelled():
+                raise DecodeCancelled
             cache.reorder_cache(torch.tensor(rows, dtype=torch.long, device=dev))
             ids = torch.tensor([[s[-1]] for s in seqs], dtype=torch.long, device=dev)
             logits = self.logits(ids, enc, cache)
@@ -307,14 +333,19 @@ class Decoder:
         cut = find_loop(best) if self.loop_guard else None
         return (best, False) if cut is None else (best[:cut], True)
 
-    def run(self, req: DecodeRequest) -> DecodeResult:
+    def run(self, req: DecodeRequest, cancelled: Callable[[], bool] = _never) -> DecodeResult:
+        """Encode the window, prefill the prefix, decode; ``DecodeCancelled`` if superseded."""
+        if cancelled():
+            raise DecodeCancelled
         with torch.inference_mode():
             enc = self.encode(req.audio)
+            if cancelled():
+                raise DecodeCancelled
             lang = req.lang
             if self.m.family == "whisper" and lang is None and self.m.lang_to_id:
                 lang = self.detect_language(enc)
             prefix = self.start_tokens(req.prompt, lang) + list(req.forced)
-            tokens, looped = self.beam(enc, prefix, req.max_new_tokens, self.num_beams)
+            tokens, looped = self.beam(enc, prefix, req.max_new_tokens, self.num_beams, cancelled)
         pieces = self.pieces.pieces(list(req.forced), tokens)
         return DecodeResult(
             request_id=req.request_id,

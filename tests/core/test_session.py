@@ -69,18 +69,26 @@ class Framer:
         return probs(data[: n * self.frame], self.frame)
 
 
-def drive(session, audio, block=160, engine=fake_model, end=True, framer=None):
+def drive(session, audio, block=160, engine=fake_model, end=True, framer=None, delay=False):
+    """Feed ``audio`` block by block; with ``delay`` each answer comes one block late."""
     events, requests = [], []
     framer = framer or Framer()
+    waiting = []
 
     def pump():
-        while True:
-            reqs = session.requests_to_send()
-            if not reqs:
-                break
-            for r in reqs:
-                requests.append(r)
+        if delay:
+            ready = waiting[:]
+            waiting.clear()
+            for r in ready:
                 session.receive_result(engine(r))
+            new = session.requests_to_send()
+            requests.extend(new)
+            waiting.extend(new)
+        else:
+            while reqs := session.requests_to_send():
+                requests.extend(reqs)
+                for r in reqs:
+                    session.receive_result(engine(r))
         events.extend(session.events_received())
 
     for i in range(0, len(audio), block):
@@ -91,6 +99,8 @@ def drive(session, audio, block=160, engine=fake_model, end=True, framer=None):
     if end:
         session.receive_end()
         pump()
+        while waiting:
+            pump()
     return events, requests
 
 
@@ -167,20 +177,30 @@ def test_request_final_closes_segment_now():
     assert evs[-1].kind == "final"
 
 
-def test_one_request_in_flight_and_finals_queue():
+def test_one_partial_in_flight_and_a_final_supersedes_it():
     s = StreamSession("a", settings_())
     s.receive_audio(speech(1))
     s.receive_speech(probs(speech(1)))
     first = s.requests_to_send()
-    assert len(first) == 1
-    # more speech and an endpoint while the engine is busy: nothing new is sent
-    more = np.concatenate([speech(1), silence(1)])
-    s.receive_audio(more)
-    s.receive_speech(probs(more))
+    assert [r.kind for r in first] == ["partial"]
+    # more speech while the engine is busy: no second partial
+    s.receive_audio(speech(0.6))
+    s.receive_speech(probs(speech(0.6)))
     assert s.requests_to_send() == []
-    s.receive_result(fake_model(first[0]))
-    nxt = s.requests_to_send()
-    assert [r.kind for r in nxt] == ["final"]
+    # the endpoint arrives while the partial is in flight: the final goes at once
+    s.receive_audio(silence(1))
+    s.receive_speech(probs(silence(1)))
+    (final,) = s.requests_to_send()
+    assert final.kind == "final" and final.supersedes == first[0].request_id
+    s.receive_result(fake_model(final))
+    events = s.events_received()
+    assert [e.kind for e in events] == ["final"]
+    assert not s.done or not s.busy
+    # the stale partial's late answer changes nothing
+    s.receive_result(DecodeResult(first[0].request_id, (), (), error="cancelled"))
+    assert s.events_received() == [] and s.failed_windows == 0
+    s.receive_end()
+    assert s.done
 
 
 def test_engine_error_on_final_still_emits_committed_text():
@@ -215,12 +235,13 @@ def test_utf8_split_across_tokens_never_leaks_broken_characters():
     st.integers(1, 3),
     st.integers(40, 700),
     st.booleans(),
+    st.booleans(),
 )
-def test_properties_any_speech_pattern(pattern, n, block, aligned):
+def test_properties_any_speech_pattern(pattern, n, block, aligned, delay):
     s = StreamSession("a", settings_(agreement_n=n))
     audio = np.concatenate([speech(d) if loud else silence(d) for loud, d in pattern])
     framer = Framer() if aligned else (lambda chunk: probs(chunk))  # misaligned VAD frames too
-    events, requests = drive(s, audio, block=block, framer=framer)
+    events, requests = drive(s, audio, block=block, framer=framer, delay=delay)
     assert s.done
     # windows lie inside the stream and are bounded
     for r in requests:
@@ -273,12 +294,13 @@ def test_half_words_are_never_committed():
     st.lists(st.tuples(st.booleans(), st.floats(0.05, 4.0)), min_size=1, max_size=8),
     st.integers(40, 700),
     st.sampled_from([2, 3, 6]),
+    st.booleans(),
 )
-def test_final_windows_cover_all_speech_without_gaps(pattern, block, max_segment_s):
+def test_final_windows_cover_all_speech_without_gaps(pattern, block, max_segment_s, delay):
     s = StreamSession("a", settings_(max_segment=max_segment_s * SR))
     pieces = [speech(d) if loud else silence(d) for loud, d in pattern]
     audio = np.concatenate(pieces)
-    _, requests = drive(s, audio, block=block)
+    _, requests = drive(s, audio, block=block, delay=delay)
     windows = sorted((r.start, r.end) for r in requests if r.kind == "final")
     covered = np.zeros(len(audio), dtype=bool)
     for a, b in windows:
