@@ -16,6 +16,10 @@ figures are deterministic given those measured times:
 - decoding: when the session issues a request at simulated time t, the
   decoder runs at once and its wall duration d is measured; the result is
   delivered at ``max(t, engine_free) + d`` (one engine, one stream);
+- a request that supersedes one still running at t (a final sent while a
+  stale partial decodes) stops that one at t, as the engine abandons it
+  between tokens: the rest of its compute is not charged (the granularity of
+  one decoder pass is ignored);
 - events the session emits are stamped with the simulated time of the step
   that produced them; the stream ends right after its last block is fed.
 
@@ -92,10 +96,15 @@ def simulate(
         heapq.heappush(queue, (end / sr, next(order), "arrive", (start, end)))
     vad_free = 0.0
     engine_free = 0.0
+    running: dict[int, tuple[float, float]] = {}  # request id -> simulated (start, end)
 
     def pump(now: float) -> None:
         nonlocal engine_free
         for req in session.requests_to_send():
+            stale = running.get(req.supersedes) if req.supersedes is not None else None
+            if stale is not None and stale[1] > now:
+                run.decode_s -= stale[1] - max(now, stale[0])
+                engine_free = max(now, stale[0])
             if req.kind == "partial":
                 run.partial_requests += 1
             else:
@@ -108,7 +117,9 @@ def simulate(
                 result = DecodeResult(req.request_id, (), (), error=f"{type(exc).__name__}: {exc}")
             took = clock() - t0
             run.decode_s += took
-            engine_free = max(now, engine_free) + took
+            begin = max(now, engine_free)
+            engine_free = begin + took
+            running[req.request_id] = (begin, engine_free)
             heapq.heappush(queue, (engine_free, next(order), "result", result))
         for ev in session.events_received():
             run.events.append(

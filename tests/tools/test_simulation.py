@@ -65,11 +65,13 @@ def test_results_arrive_after_the_measured_compute_time():
     assert final_latency == pytest.approx([310.0])
 
 
-def test_a_busy_engine_delays_the_final_and_drops_the_stale_partial():
+def test_a_final_supersedes_the_stale_partial_on_a_busy_engine():
     run = run_fake(decode_s=0.7, vad_s=0.01)
-    # partial issued at 0.61 returns at 1.31 (segment closed at 1.01 meanwhile,
-    # so it is dropped); the final runs from 1.31 to 2.01
-    assert [(e.kind, e.time) for e in run.events] == [("final", pytest.approx(2.01))]
+    # partial issued at 0.61 would return at 1.31, but the segment closes at 1.01:
+    # the final is sent then, the engine abandons the partial and the final runs
+    # from 1.01 to 1.71; only the 0.4 s the partial really ran is charged
+    assert [(e.kind, e.time) for e in run.events] == [("final", pytest.approx(1.71))]
+    assert run.decode_s == pytest.approx(0.4 + 0.7)
 
 
 def test_a_slow_vad_delays_feeding():
