@@ -89,8 +89,14 @@ def test_run_returns_pieces_that_spell_the_text(decoder, clip):
 def test_find_loop():
     assert find_loop([1, 2, 3, 4]) is None
     assert find_loop([9] + [5] * 6) == 2
-    assert find_loop([1, 2, 3] * 5) == 3
-    assert find_loop([7, 8] * 3) is None  # too short to call a loop
+    assert find_loop([1, 2, 3] * 6) == 3
+    assert find_loop([1, 2, 3] * 5) is None  # 15 tokens: not yet
+    assert find_loop([7, 8] * 3) is None  # "New York, New York" is speech
+    phrase = list(range(100, 115))  # a 15-token sentence
+    assert find_loop([1, *phrase]) is None
+    assert find_loop([1, *phrase, *phrase[:10]]) is None
+    assert find_loop([1, *phrase, *phrase]) == 16  # said twice: cut after the first
+    assert find_loop([1, *phrase, *phrase, 100]) == 17  # (a rotation of it, twice)
 
 
 def test_loop_guard_cuts_runaway_hypothesis(decoder, clip, monkeypatch):
