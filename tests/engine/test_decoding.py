@@ -138,7 +138,7 @@ def test_trimmed_whisper_encoder_equals_stock_on_30_seconds(tmp_path, clip):
         b = trimmed.encode(audio).hidden
         short = trimmed.encode(clip[:16000]).hidden
     assert torch.equal(a, b)
-    assert short.shape[1] == 50  # 1 s = 100 mel frames = 50 encoder frames
+    assert short.shape[1] == 200  # (1 s + 3 s of silence) = 400 mel frames = 200 encoder frames
 
 
 def test_whisper_input_must_be_known(decoder):
