@@ -80,7 +80,7 @@ class StreamingConfig:
     max_tokens_per_second: float = _f(8.0, gt=0.0)
     min_tokens: int = _f(8, min=1)
     prompt_max_tokens: int = _f(64, min=0)
-    whisper_input: str = _f("padded", choices=("padded", "trimmed"))
+    whisper_input: str = _f("trimmed", choices=("padded", "trimmed"))
 
 
 @dataclass(frozen=True, slots=True)

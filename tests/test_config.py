@@ -543,7 +543,7 @@ agreement_n = 3
 max_tokens_per_second = 1e-3
 min_tokens = 2
 prompt_max_tokens = 0
-whisper_input = "trimmed"
+whisper_input = "padded"
 [vad]
 enabled = false
 backend = "energy"

@@ -75,7 +75,7 @@ def _never() -> bool:
 class Decoder:
     """Runs one ``DecodeRequest`` on a loaded model (called on the engine thread)."""
 
-    def __init__(self, loaded: LoadedModel, whisper_input: str = "padded") -> None:
+    def __init__(self, loaded: LoadedModel, whisper_input: str = "trimmed") -> None:
         if whisper_input not in ("padded", "trimmed"):
             raise ValueError(f"whisper_input must be padded or trimmed, not {whisper_input!r}")
         self.m = loaded

@@ -27,7 +27,7 @@ def decoder(request, tmp_path_factory):
     loaded = load_model(
         ModelSpec(id=str(path), device="cpu", dtype="float32", source_language="fr")
     )
-    dec = Decoder(loaded)
+    dec = Decoder(loaded, "padded")  # generate() runs the stock 30 s Whisper encoder
     dec.loop_guard = False  # random weights repeat themselves; compare raw greedy
     return dec
 
@@ -130,7 +130,7 @@ def test_trimmed_whisper_encoder_equals_stock_on_30_seconds(tmp_path, clip):
     from streamer.testing.tiny_models import make_whisper
 
     loaded = load_model(ModelSpec(id=str(make_whisper(tmp_path / "w")), device="cpu"))
-    padded, trimmed = Decoder(loaded), Decoder(loaded, "trimmed")
+    padded, trimmed = Decoder(loaded, "padded"), Decoder(loaded, "trimmed")
     audio = np.zeros(30 * 16000, dtype=np.float32)
     audio[: len(clip)] = clip
     with torch.inference_mode():
@@ -157,3 +157,26 @@ def test_one_beam_is_greedy(decoder, clip):
     enc = decoder.encode(clip[:16000])
     prefix = decoder.start_tokens((), "fr")
     assert decoder.beam(enc, prefix, 8, 1) == decoder.greedy(enc, prefix, 8)
+
+
+def test_trimmed_whisper_decode_equals_generate_on_the_same_encoder_states(tmp_path, clip):
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from streamer.testing.tiny_models import make_whisper
+
+    loaded = load_model(ModelSpec(id=str(make_whisper(tmp_path / "w")), device="cpu"))
+    dec = Decoder(loaded, "trimmed")
+    dec.loop_guard = False
+    enc = dec.encode(clip[: 2 * 16000])
+    prefix = dec.start_tokens((), "fr")
+    ours, _ = dec.greedy(enc, prefix, 10)
+    out = GenerationMixin.generate(
+        dec.model,
+        encoder_outputs=BaseModelOutput(last_hidden_state=enc.hidden),
+        decoder_input_ids=torch.tensor([prefix]),
+        max_new_tokens=10,
+        min_new_tokens=10,
+        do_sample=False,
+        num_beams=1,
+    )
+    assert ours == out[0, len(prefix) :].tolist()

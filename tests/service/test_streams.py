@@ -92,7 +92,7 @@ async def test_final_equals_offline_greedy_decode_without_stabilisation(family, 
 
     path = FAMILIES[family](tmp_path / family)
     cfg = config(path, agreement_n=0)
-    eng = Engine(Decoder(load_model(model_spec(cfg))))
+    eng = Engine(Decoder(load_model(model_spec(cfg)), "padded"))  # generate()'s own encoder
     eng.start()
     try:
         events, requests = await run_file(eng, cfg, CLIP)
