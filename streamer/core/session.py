@@ -153,6 +153,7 @@ class StreamSession:
         if self._ended:
             return
         self._ended = True
+        self._enforce_max_segment()
         if self._open is not None:
             self._close_open(self.buffer.end, self.buffer.end)
         self._schedule()
@@ -160,7 +161,7 @@ class StreamSession:
     def request_final(self) -> None:
         """Finalise the current segment now (an explicit finalize request)."""
         if self._open is not None:
-            self._cut_open()
+            self._cut_open(self.frontier)
             self._schedule()
 
     def receive_result(self, result: DecodeResult) -> None:
@@ -247,18 +248,18 @@ class StreamSession:
         self.segmenter.set_floor(seg.window_end)
         self._closing.append(seg)
 
-    def _cut_open(self) -> None:
-        """Close the open segment at the frontier; speech that goes on is a new segment."""
-        at = self.frontier
+    def _cut_open(self, at: int) -> None:
+        """Close the open segment at ``at``; speech that goes on is a new segment."""
         self._close_open(at, at)
         self.segmenter.cut(at)
-        if self.segmenter.in_segment and not self._ended:
+        if at < self.frontier if self._ended else self.segmenter.in_segment:
             self._start_segment(at)
 
     def _enforce_max_segment(self) -> None:
-        seg = self._open
-        if seg is not None and self.frontier - seg.start >= self.s.max_segment:
-            self._cut_open()
+        """Cut segments at exactly ``max_segment``, however far the frontier jumped."""
+        while self._open is not None and self.frontier - self._open.start >= self.s.max_segment:
+            seg = self._open
+            self._cut_open(max(seg.start + self.s.max_segment, seg.last_decode_end))
 
     def _window(self, seg: _Segment, end: int) -> tuple[int, int]:
         start = max(seg.ctx_start, end - self.s.max_window, self.buffer.start)
@@ -331,7 +332,13 @@ class StreamSession:
             return  # the segment closed meanwhile: its final supersedes this partial
         if len(result.pieces) != len(result.tokens):
             raise ValueError("a result needs one byte piece per token")
-        newly = seg.agreement.update(result.tokens, word_boundaries(list(result.pieces)))
+        if result.looped:
+            # The decoder was cut in a loop: show what came before it, but let
+            # neither this hypothesis nor the ones before it commit anything.
+            seg.agreement.forget_tails(result.tokens)
+            newly: tuple[int, ...] = ()
+        else:
+            newly = seg.agreement.update(result.tokens, word_boundaries(list(result.pieces)))
         seg.committed_pieces.extend(result.pieces[: len(newly)])
         tentative = b"".join(result.pieces[len(newly) :])
         committed_text, tentative_text = render(b"".join(seg.committed_pieces), tentative)

@@ -74,6 +74,11 @@ class LocalAgreement:
         self._tentative = tail[len(newly) :]
         return newly
 
+    def forget_tails(self, tentative: Sequence[int]) -> None:
+        """Drop the hypotheses awaiting agreement (a looping decode must not vote)."""
+        self._tails.clear()
+        self._tentative = tuple(tentative)
+
     def reset(self) -> None:
         """Start a new segment."""
         self._committed.clear()

@@ -229,7 +229,7 @@ def test_utf8_split_across_tokens_never_leaks_broken_characters():
     assert events[-1].text == "café"
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     st.lists(st.tuples(st.booleans(), st.floats(0.05, 3.0)), min_size=1, max_size=8),
     st.integers(1, 3),
@@ -289,7 +289,7 @@ def test_half_words_are_never_committed():
     assert events[-1].text == "national assembly today"
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     st.lists(st.tuples(st.booleans(), st.floats(0.05, 4.0)), min_size=1, max_size=8),
     st.integers(40, 700),
@@ -314,3 +314,23 @@ def test_final_windows_cover_all_speech_without_gaps(pattern, block, max_segment
     # consecutive final windows never overlap beyond the configured left context
     for (_, b0), (a1, _) in itertools.pairwise(windows):
         assert a1 >= b0 - s.s.left_context
+
+
+def test_a_looping_hypothesis_commits_nothing_and_resets_agreement():
+    calls = []
+
+    def model(req):
+        calls.append(req)
+        n = len(req.forced)
+        toks = tuple(range(n, 4))
+        return DecodeResult(
+            req.request_id, toks, tuple(b" w" for _ in toks), looped=len(calls) == 2
+        )
+
+    s = StreamSession("a", settings_(agreement_n=2, chunk=SR // 2))
+    events, _ = drive(s, speech(2.2), end=False, engine=model)
+    partials = [e for e in events if e.kind == "partial"]
+    # 1st hypothesis waits for agreement, the 2nd looped (no vote), so the 3rd
+    # is the first that can agree with the 4th: nothing is committed before it
+    assert [bool(p.committed) for p in partials[:3]] == [False, False, False]
+    assert partials[3].committed
