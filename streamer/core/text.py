@@ -27,13 +27,8 @@ def render(committed: bytes, tentative: bytes) -> tuple[str, str]:
     The committed string only covers complete characters of the committed
     bytes, so it grows append-only as more tokens are committed.
     """
-    committed_text, used = complete_utf8(committed)
-    full, _ = complete_utf8(committed + tentative)
-    full = full.lstrip()
-    committed_text = committed_text.lstrip()
-    if not full.startswith(committed_text):  # pragma: no cover - guarded by construction
-        committed_text = ""
-    del used
+    committed_text = complete_utf8(committed)[0].lstrip()
+    full = complete_utf8(committed + tentative)[0].lstrip()
     return committed_text, full[len(committed_text) :]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -119,16 +120,10 @@ class StreamFactory:
         frame = vad.frame_samples if vad is not None else 512
         settings = session_settings(self.cfg, sr, frame)
         if not self.partials:
-            settings = _replace(settings, partials=False)
+            settings = dataclasses.replace(settings, partials=False)
         runner = StreamRunner(StreamSession(stream, settings), self.client, self.publish, vad)
         self.runners[stream] = runner
         return runner
-
-
-def _replace(settings: SessionSettings, **changes: Any) -> SessionSettings:
-    import dataclasses
-
-    return dataclasses.replace(settings, **changes)
 
 
 def open_source(src: SourceConfig, sample_rate: int) -> Any:

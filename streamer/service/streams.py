@@ -131,8 +131,7 @@ class StreamRunner:
     def _latency_ms(self, event: Hypothesis, now: float) -> float | None:
         """Wall time since the block holding the event's last sample arrived."""
         end_sample = round(event.end * self.session.s.sample_rate)
-        ends = [e for e, _ in self._arrivals]
-        i = bisect.bisect_left(ends, end_sample)
+        i = bisect.bisect_left(self._arrivals, end_sample, key=lambda a: a[0])
         if i >= len(self._arrivals):
             return None
         return max(0.0, (now - self._arrivals[i][1]) * 1000.0)
