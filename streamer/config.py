@@ -117,6 +117,19 @@ class WebSocketConfig:
     port: int = _f(8765, min=0, max=65535)
     max_subscribers: int = _f(64, min=1)
     queue_finals: int = _f(256, min=1)
+    max_streams: int = _f(16, min=1)
+    max_frame_bytes: int = _f(1 << 20, min=1024)
+    max_audio_rate: float = _f(2.0, min=1.0)
+    audio_burst_s: float = _f(5.0, min=0.0)
+    idle_timeout_s: float = _f(30.0, gt=0.0)
+    ping_interval_s: float = _f(20.0, min=0.0)
+    ping_timeout_s: float = _f(20.0, min=0.0)
+    auth_token_file: str = _f("", path=True)
+    allowed_origins: str = _f("", items=r"https?://[^\s,/]+(:\d+)?")
+    client_languages: str = _f("", items=f"auto|{_LANG}")
+    client_tasks: str = _f("", items="transcribe|translate")
+    tls_cert: str = _f("", path=True)
+    tls_key: str = _f("", path=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,6 +442,11 @@ def _coerce(
         value = value.strip().lower()
     if "pattern" in rules and not re.fullmatch(rules["pattern"], value):
         raise fail(f"must match {rules['pattern']}, {got}")
+    if "items" in rules:
+        bad = [item for item in split_items(value) if not re.fullmatch(rules["items"], item)]
+        if bad:
+            raise fail(f"item {bad[0]!r} must match {rules['items']} (comma-separated list)")
+        value = ",".join(split_items(value))
     if rules.get("nonempty") and not value.strip():
         raise fail(f"must not be empty, {got}")
     if rules.get("path"):
@@ -438,10 +456,15 @@ def _coerce(
     return value
 
 
+def split_items(value: str) -> tuple[str, ...]:
+    """The items of a comma-separated list key (blanks dropped)."""
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
 def _resolve_relative(value: str, base: Path) -> str:
     if value in ("", "-") or value.startswith("builtin:"):
         return value
-    path = Path(value).expanduser()
+    path = Path(os.path.expandvars(value)).expanduser()
     if not path.is_absolute():
         path = base / path
     return os.path.normpath(path)
@@ -540,6 +563,11 @@ def _validate(cfg: Config, locate: Callable[[str], _Origin | None]) -> None:
             "streaming.max_segment_s",
             "streaming.left_context_s",
             "streaming.max_window_s",
+        )
+    ws = cfg.websocket
+    if bool(ws.tls_cert) != bool(ws.tls_key):
+        raise error(
+            "TLS needs both tls_cert and tls_key", "websocket.tls_cert", "websocket.tls_key"
         )
     seen: dict[str, int] = {}
     for index, source in enumerate(cfg.sources):

@@ -56,6 +56,7 @@ class SessionSettings:
     tail_pad: int = 3200  # silence kept after the last speech sample in a final's window
     segmenter: SegmenterSettings = field(default_factory=SegmenterSettings)
     lang: str | None = None
+    task: str | None = None  # "transcribe" | "translate"; None: the model's configured task
 
     def max_new_tokens(self, window_samples: int, forced: int) -> int:
         seconds = window_samples / self.sample_rate
@@ -78,6 +79,7 @@ class DecodeRequest:
     forced: tuple[int, ...]
     max_new_tokens: int
     lang: str | None = None  # source language; None: the engine detects it
+    task: str | None = None  # None: the model's configured task
     supersedes: int | None = None  # a request of this stream whose result is no longer wanted
 
 
@@ -109,7 +111,12 @@ class _Segment:
 class StreamSession:
     """Sans-I/O streaming state of one stream."""
 
-    def __init__(self, stream: str, settings: SessionSettings) -> None:
+    def __init__(
+        self, stream: str, settings: SessionSettings, *, seq_after: int = 0, first_segment: int = 0
+    ) -> None:
+        """``seq_after``/``first_segment`` continue the numbering of an earlier session
+        of the same stream id, so subscribers that drop duplicates by ``seq`` keep
+        receiving when a client reconnects."""
         self.stream = stream
         self.s = settings
         self.buffer = AudioBuffer()
@@ -121,8 +128,8 @@ class StreamSession:
         self._requests: list[DecodeRequest] = []
         self._events: list[Hypothesis] = []
         self._next_request = 0
-        self._next_segment = 0
-        self._seq = 0
+        self._next_segment = first_segment
+        self._seq = seq_after
         self._ended = False
         self._history: deque[int] = deque(maxlen=max(settings.prompt_max_tokens, 1))
         self._frame_remainder = 0  # samples not yet covered by synthetic VAD frames
@@ -282,6 +289,7 @@ class StreamSession:
             forced=forced,
             max_new_tokens=self.s.max_new_tokens(end - start, len(forced)),
             lang=seg.lang,
+            task=self.s.task,
             supersedes=supersedes,
         )
         self._next_request += 1
@@ -383,6 +391,14 @@ class StreamSession:
                 lang=seg.lang,
             )
         )
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    @property
+    def next_segment(self) -> int:
+        return self._next_segment
 
     def _next_seq(self) -> int:
         self._seq += 1

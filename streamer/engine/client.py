@@ -17,6 +17,14 @@ class EngineClient:
     def sample_rate(self) -> int:
         return self.engine.sample_rate
 
+    @property
+    def languages(self) -> frozenset[str]:
+        return self.engine.languages
+
+    @property
+    def tasks(self) -> frozenset[str]:
+        return self.engine.tasks
+
     def submit(self, req: DecodeRequest) -> asyncio.Future[DecodeResult]:
         fut: asyncio.Future[DecodeResult] = self.loop.create_future()
 

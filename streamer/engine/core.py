@@ -70,6 +70,22 @@ class Engine:
         self._thread.start()
 
     @property
+    def languages(self) -> frozenset[str]:
+        """Source languages a stream may pick ("auto" = detect); empty: fixed by the model."""
+        m = self.decoder.m
+        if m.family != "whisper" or not m.lang_to_id:
+            return frozenset()
+        return frozenset(m.lang_to_id) | {"auto"}
+
+    @property
+    def tasks(self) -> frozenset[str]:
+        """Tasks a stream may pick; empty when the model has a single one."""
+        m = self.decoder.m
+        if m.family != "whisper":
+            return frozenset()
+        return frozenset(m.task_to_id) & {"transcribe", "translate"}
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.fatal is None
 

@@ -204,7 +204,9 @@ class Decoder:
         )
         return out.logits[:, -1, :].float()  # type: ignore[no-any-return]
 
-    def start_tokens(self, prompt: tuple[int, ...], lang: str | None) -> list[int]:
+    def start_tokens(
+        self, prompt: tuple[int, ...], lang: str | None, task: str | None = None
+    ) -> list[int]:
         m = self.m
         if m.family == "whisper":
             ids: list[int] = []
@@ -215,8 +217,8 @@ class Decoder:
             ids.append(int(m.extra["sot"]))
             if m.lang_to_id and lang is not None:
                 ids.append(m.lang_to_id[lang])
-                task = whisper_task(lang, m.spec.target_language, m.spec.task)
-                ids.append(m.task_to_id[task])
+                chosen = whisper_task(lang, m.spec.target_language, task or m.spec.task)
+                ids.append(m.task_to_id[chosen])
             if m.extra.get("no_timestamps") is not None:
                 ids.append(int(m.extra["no_timestamps"]))
             return ids
@@ -358,7 +360,7 @@ class Decoder:
             lang = req.lang
             if self.m.family == "whisper" and lang is None and self.m.lang_to_id:
                 lang = self.detect_language(enc)
-            prefix = self.start_tokens(req.prompt, lang) + list(req.forced)
+            prefix = self.start_tokens(req.prompt, lang, req.task) + list(req.forced)
             tokens, looped = self.beam(enc, prefix, req.max_new_tokens, self.num_beams, cancelled)
         pieces = self.pieces.pieces(list(req.forced), tokens)
         return DecodeResult(

@@ -16,24 +16,40 @@ import dataclasses
 import logging
 import os
 import signal
+import ssl
 import sys
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from streamer.audio.vad import FrameVad, make_vad
-from streamer.config import Config, SourceConfig, resolve_audio_path
+from streamer.config import (
+    Config,
+    SourceConfig,
+    WebSocketConfig,
+    resolve_audio_path,
+    split_items,
+)
 from streamer.core.segmenter import SegmenterSettings
 from streamer.core.session import SessionSettings, StreamSession
-from streamer.errors import StreamerError
+from streamer.core.wire import IngestPolicy
+from streamer.errors import ConfigError, StreamerError
+from streamer.service.ingest import IngestLimits, IngestService
+from streamer.service.metrics import Metrics
 from streamer.service.streams import StreamRunner
 from streamer.sinks.console import ConsoleSink
 from streamer.sinks.fanout import Fanout, Subscription
 from streamer.sinks.jsonl import JsonlSink
-from streamer.sinks.websocket import CaptionServer
+from streamer.sinks.websocket import AccessPolicy, CaptionServer, http_response
 from streamer.types import Hypothesis
 
 if TYPE_CHECKING:
+    from websockets.asyncio.server import ServerConnection
+    from websockets.http11 import Request, Response
+
     from streamer.engine.client import EngineClient
     from streamer.engine.core import Engine
     from streamer.engine.decoding import Decoder
@@ -104,26 +120,72 @@ def start_engine(cfg: Config) -> Engine:
     return engine
 
 
+#: Stream ids whose numbering is remembered after they end (oldest forgotten first).
+MAX_REMEMBERED_STREAMS = 4096
+
+
 @dataclass
 class StreamFactory:
-    """Builds a runner (session + VAD) for a new stream id."""
+    """Builds a runner (session + VAD) for a new stream id, and tracks the live ones.
+
+    A stream id that comes back (a client reconnecting) continues its ``seq``
+    and ``segment`` numbering, so subscribers that drop duplicates by ``seq``
+    do not drop the new session's events.
+    """
 
     cfg: Config
     client: EngineClient
     publish: Callable[[Hypothesis], None]
     partials: bool = True
     runners: dict[str, StreamRunner] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
+    _ended: OrderedDict[str, tuple[int, int]] = field(default_factory=OrderedDict)
 
-    def create(self, stream: str) -> StreamRunner:
+    def create(
+        self,
+        stream: str,
+        *,
+        language: str | None = None,
+        task: str | None = None,
+        origin: str = "source",
+    ) -> StreamRunner:
+        """A runner for ``stream``; ``language`` ("auto" = detect) and ``task`` override
+        the model's configuration for this stream only."""
+        if stream in self.runners:
+            raise ValueError(f"stream {stream!r} is already running")
         sr = self.client.sample_rate
         vad: FrameVad | None = make_vad(self.cfg.vad.backend, sr) if self.cfg.vad.enabled else None
         frame = vad.frame_samples if vad is not None else 512
         settings = session_settings(self.cfg, sr, frame)
         if not self.partials:
             settings = dataclasses.replace(settings, partials=False)
-        runner = StreamRunner(StreamSession(stream, settings), self.client, self.publish, vad)
+        if language is not None:
+            settings = dataclasses.replace(settings, lang=None if language == "auto" else language)
+        if task is not None:
+            settings = dataclasses.replace(settings, task=task)
+        seq_after, first_segment = self._ended.pop(stream, (0, 0))
+        session = StreamSession(stream, settings, seq_after=seq_after, first_segment=first_segment)
+        runner = StreamRunner(session, self.client, self.publish, vad)
         self.runners[stream] = runner
+        self.origins[stream] = origin
         return runner
+
+    def counts(self) -> dict[str, int]:
+        """Live streams by origin ("source": configured, "client": /v1/stream)."""
+        out = {"source": 0, "client": 0}
+        for origin in self.origins.values():
+            out[origin] = out.get(origin, 0) + 1
+        return out
+
+    def release(self, stream: str) -> None:
+        """Forget a finished stream's runner, keeping its numbering for a comeback."""
+        runner = self.runners.pop(stream, None)
+        self.origins.pop(stream, None)
+        if runner is None:
+            return
+        self._ended[stream] = (runner.session.last_seq, runner.session.next_segment)
+        while len(self._ended) > MAX_REMEMBERED_STREAMS:
+            self._ended.popitem(last=False)
 
 
 def open_source(src: SourceConfig, sample_rate: int) -> Any:
@@ -156,6 +218,55 @@ def probe_file_sources(cfg: Config) -> None:
             probe_audio(resolve_audio_path(src.path))
 
 
+TOKEN_ENV = "STREAMER_WS_TOKEN"
+
+
+def load_ws_token(path: str) -> str | None:
+    """The WebSocket bearer token: from ``auth_token_file``, else ``$STREAMER_WS_TOKEN``."""
+    if not path:
+        return os.environ.get(TOKEN_ENV) or None
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(
+            f"cannot read the token file {path}: {reason}", key="websocket.auth_token_file"
+        ) from None
+    if not token:
+        raise ConfigError(f"the token file {path} is empty", key="websocket.auth_token_file")
+    return token
+
+
+def make_ssl_context(cert: str, key: str) -> ssl.SSLContext | None:
+    """A server TLS context from PEM files, or None for plain ws://."""
+    if not cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"cannot load TLS certificate {cert} / key {key}: {exc}", key="websocket.tls_cert"
+        ) from None
+    return context
+
+
+def ingest_policy(ws: WebSocketConfig, client: EngineClient) -> IngestPolicy:
+    """What clients may choose, checked against what the loaded model can do."""
+    languages, tasks = set(split_items(ws.client_languages)), set(split_items(ws.client_tasks))
+    if (languages or tasks) and not client.tasks:
+        raise ConfigError(
+            "this model has a fixed language and task; clients cannot choose them",
+            key="websocket.client_languages" if languages else "websocket.client_tasks",
+        )
+    unknown = sorted(languages - client.languages)
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]!r} is not a language of this model", key="websocket.client_languages"
+        )
+    return IngestPolicy(languages=frozenset(languages), tasks=frozenset(tasks))
+
+
 class App:
     """The daemon: one instance per process."""
 
@@ -165,6 +276,13 @@ class App:
         self.fanout = Fanout()
         self.engine: Engine | None = None
         self.server: CaptionServer | None = None
+        self.ingest: IngestService | None = None
+        self.factory: StreamFactory | None = None
+        self.metrics = Metrics(
+            fanout=self.fanout,
+            streams=lambda: self.factory.counts() if self.factory else {},
+            subscribers=lambda: self.server.subscribers if self.server else 0,
+        )
         self._stop = asyncio.Event()
         self._sink_tasks: list[asyncio.Task[None]] = []
         self._sink_subs: list[Subscription] = []
@@ -206,18 +324,7 @@ class App:
 
     async def run(self) -> int:
         self._install_signals()
-        ws = self.cfg.websocket
-        if ws.enabled:
-            self.server = CaptionServer(
-                self.fanout,
-                ws.host,
-                ws.port,
-                max_subscribers=ws.max_subscribers,
-                queue_finals=ws.queue_finals,
-                ready=lambda: self.ready,
-            )
-            await self.server.start()
-            log.info("captions on ws://%s:%d/v1/captions", ws.host, self.server.port)
+        await self._start_server()
         try:
             await asyncio.to_thread(probe_file_sources, self.cfg)
             self.engine = await asyncio.to_thread(start_engine, self.cfg)
@@ -232,8 +339,16 @@ class App:
             client.loop.call_soon_threadsafe(self._fatal, exc)
 
         self.engine.on_fatal = on_fatal
+        self.metrics.bind(engine=self.engine)
         self._start_sinks()
-        factory = StreamFactory(self.cfg, client, self.fanout.publish)
+        factory = self.factory = StreamFactory(self.cfg, client, self._publish)
+        if self.ingest is not None:
+            try:
+                self.ingest.attach(factory, ingest_policy(self.cfg.websocket, client))
+            except StreamerError:
+                await self._stop_engine()
+                await self._close_server()
+                raise
         source_tasks: list[asyncio.Task[None]] = []
         for src in self.cfg.sources:
             runner = factory.create(src.stream)
@@ -256,6 +371,54 @@ class App:
             await self._shutdown(source_tasks, factory)
             stop_wait.cancel()
         return self.exit_code
+
+    def _publish(self, event: Hypothesis) -> None:
+        self.metrics.observe_event(event)
+        self.fanout.publish(event)
+
+    def _serve_metrics(self, conn: ServerConnection, request: Request) -> Response:
+        body, content_type = self.metrics.render()
+        return http_response(HTTPStatus.OK, body, content_type)
+
+    async def _start_server(self) -> None:
+        ws = self.cfg.websocket
+        if not ws.enabled:
+            return
+        access = AccessPolicy(
+            token=load_ws_token(ws.auth_token_file),
+            allowed_origins=frozenset(split_items(ws.allowed_origins)),
+        )
+        ssl_context = make_ssl_context(ws.tls_cert, ws.tls_key)
+        self.server = CaptionServer(
+            self.fanout,
+            ws.host,
+            ws.port,
+            max_subscribers=ws.max_subscribers,
+            queue_finals=ws.queue_finals,
+            ready=lambda: self.ready,
+            access=access,
+            ssl_context=ssl_context,
+            max_frame_bytes=ws.max_frame_bytes,
+            ping_interval=ws.ping_interval_s,
+            ping_timeout=ws.ping_timeout_s,
+            on_reject=self.metrics.connection_rejected,  # type: ignore[arg-type]
+        )
+        self.server.add_route("/metrics", self._serve_metrics, name="metrics", auth=True)
+        limits = IngestLimits(
+            max_streams=ws.max_streams,
+            max_audio_rate=ws.max_audio_rate,
+            audio_burst_s=ws.audio_burst_s,
+            idle_timeout_s=ws.idle_timeout_s,
+            finalize_timeout_s=SHUTDOWN_STEP_TIMEOUT,
+        )
+        self.ingest = IngestService(self.server, self.fanout, limits, observer=self.metrics)
+        await self.server.start()
+        scheme = "wss" if ssl_context is not None else "ws"
+        log.info("captions on %s://%s:%d/v1/captions", scheme, ws.host, self.server.port)
+
+    async def _stop_engine(self) -> None:
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.stop, SHUTDOWN_STEP_TIMEOUT)
 
     def _report_source_errors(self, tasks: list[asyncio.Task[None]]) -> None:
         for task in tasks:
@@ -281,8 +444,9 @@ class App:
         finished = await asyncio.gather(*waits)
         if not all(finished):
             log.warning("some streams did not finalise within %.0f s", SHUTDOWN_STEP_TIMEOUT)
-        if self.engine is not None:
-            await asyncio.to_thread(self.engine.stop, SHUTDOWN_STEP_TIMEOUT)
+        if self.ingest is not None:  # client sockets get their last finals
+            await self.ingest.close(SHUTDOWN_STEP_TIMEOUT)
+        await self._stop_engine()
         await self._flush_sinks()
         await self._close_server()
 

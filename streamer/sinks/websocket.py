@@ -13,6 +13,16 @@ the caption page ``/``):
 anything else                                  404
 =============================================  ==================================
 
+Access (:class:`AccessPolicy`), checked before the upgrade for every
+WebSocket route and for routes registered with ``auth=True``: an ``Origin``
+outside the allow-list answers 403; with a token configured, a wrong
+``Authorization: Bearer`` header answers 401. Browsers cannot set headers, so
+a WebSocket without the header is accepted and must authenticate with its
+first message (``/v1/captions``: ``{"type":"auth","token":…}``; ``/v1/stream``:
+the ``token`` of its start message) or is closed with 1008. Tokens are
+compared in constant time and never logged. Every refusal is reported to
+``on_reject(endpoint, reason)`` (the metrics).
+
 Caption subscriptions: ``streams`` (comma-separated; all streams when absent)
 and ``kinds`` (``partial``, ``final``; both when absent). A malformed query,
 an unknown parameter or kind answers HTTP 400 before the upgrade; more than
@@ -23,6 +33,8 @@ Each connection owns a :class:`~streamer.sinks.fanout.Subscription` with
 stays full until that queue overflows) is closed with 1013 "slow subscriber";
 everybody else is unaffected. Text messages from caption clients are ignored
 (clients may send "ping"); a binary message closes the connection with 1003.
+Every close for a client's fault is preceded by a JSON
+``{"type":"error","code":…,"message":…}`` message (:func:`close_with_error`).
 
 Shutdown (:meth:`CaptionServer.close`): refuse new subscribers, close the
 subscriptions so each connection delivers what it has queued (bounded by a
@@ -32,29 +44,37 @@ timeout), then close connections with 1001 and abort whatever is left.
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import hmac
 import inspect
 import json
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import parse_qsl, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from streamer.errors import StreamerError
+from streamer.core.wire import parse_auth
+from streamer.errors import ProtocolError, StreamerError
 from streamer.sinks.fanout import ALL_KINDS, Fanout, Subscription
 
 __all__ = [
     "CAPTIONS_PATH",
+    "AccessPolicy",
     "CaptionQuery",
     "CaptionServer",
     "HttpProcess",
     "Route",
     "WsHandler",
+    "close_with_error",
+    "http_response",
     "parse_caption_query",
 ]
 
@@ -70,12 +90,41 @@ HttpProcess = Callable[[ServerConnection, Request], Response | Awaitable[Respons
 WsHandler = Callable[[ServerConnection], Awaitable[None]]
 
 
+#: Told about every refused connection: (endpoint, reason).
+RejectHook = Callable[[str, str], None]
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
-    """One path of the server: a pre-upgrade check and an optional WebSocket handler."""
+    """One path of the server: a pre-upgrade check and an optional WebSocket handler.
+
+    ``name`` labels refusals in the metrics; ``auth`` applies the access policy
+    to a plain HTTP route too (WebSocket routes always get it).
+    """
 
     process: HttpProcess
     handler: WsHandler | None = None
+    name: str = ""
+    auth: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AccessPolicy:
+    """Who may connect: a bearer token (None: anyone) and allowed Origins (empty: any)."""
+
+    token: str | None = None
+    allowed_origins: frozenset[str] = frozenset()
+    auth_timeout: float = 10.0
+
+    def __repr__(self) -> str:  # never show the token
+        shown = "set" if self.token else "none"
+        return f"AccessPolicy(token={shown}, allowed_origins={sorted(self.allowed_origins)})"
+
+    def token_matches(self, candidate: str | None) -> bool:
+        """Constant-time comparison; False when no token is configured or none given."""
+        if self.token is None or candidate is None:
+            return False
+        return hmac.compare_digest(candidate.encode(), self.token.encode())
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +183,12 @@ class CaptionServer:
         ready: Callable[[], bool] | None = None,
         *,
         drain_timeout: float = 5.0,
+        access: AccessPolicy | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        max_frame_bytes: int = 1 << 20,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 20.0,
+        on_reject: RejectHook | None = None,
     ) -> None:
         self._fanout = fanout
         self.host = host
@@ -142,6 +197,13 @@ class CaptionServer:
         self.queue_finals = queue_finals
         self._ready = ready
         self.drain_timeout = drain_timeout
+        self.access = access or AccessPolicy()
+        self.ssl_context = ssl_context
+        self.max_frame_bytes = max_frame_bytes
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.on_reject = on_reject
+        self._authenticated: set[ServerConnection] = set()  # by Authorization header
         self._server: Server | None = None
         self._routes: dict[str, Route] = {}
         # Caption connections from accepted request until connection lost.
@@ -152,15 +214,44 @@ class CaptionServer:
         self._close_code: int = CloseCode.GOING_AWAY
         self._close_reason = "server shutting down"
         self.slow_disconnects = 0
+        self._ready_details: list[Callable[[], str]] = []
         self.add_route("/healthz", self._healthz)
         self.add_route("/readyz", self._readyz)
-        self.add_route(CAPTIONS_PATH, self._check_captions, self._serve_captions)
+        self.add_route(CAPTIONS_PATH, self._check_captions, self._serve_captions, name="captions")
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def add_route(self, path: str, process: HttpProcess, handler: WsHandler | None = None) -> None:
+    def add_route(
+        self,
+        path: str,
+        process: HttpProcess,
+        handler: WsHandler | None = None,
+        *,
+        name: str = "",
+        auth: bool = False,
+    ) -> None:
         """Register (or replace) the route for ``path`` (exact match, query ignored)."""
-        self._routes[path] = Route(process, handler)
+        self._routes[path] = Route(process, handler, name or path.strip("/"), auth)
+
+    def add_ready_detail(self, detail: Callable[[], str]) -> None:
+        """Add a line to the ``/readyz`` body (e.g. a sink's connection state)."""
+        self._ready_details.append(detail)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def rejected(self, endpoint: str, reason: str) -> None:
+        """Count one refused connection or closed client (reason: a short fixed word)."""
+        if self.on_reject is not None:
+            try:
+                self.on_reject(endpoint, reason)
+            except Exception:
+                log.exception("on_reject hook failed")
+
+    def needs_auth_message(self, conn: ServerConnection) -> bool:
+        """A token is configured and this connection did not present it in a header."""
+        return self.access.token is not None and conn not in self._authenticated
 
     async def start(self) -> None:
         """Bind and start serving; raises StreamerError when the port is unavailable."""
@@ -172,12 +263,18 @@ class CaptionServer:
                 self.host,
                 self._port,
                 process_request=self._process_request,
+                ssl=self.ssl_context,
+                max_size=self.max_frame_bytes,
+                ping_interval=self.ping_interval or None,
+                ping_timeout=self.ping_timeout or None,
+                server_header=None,
             )
         except OSError as exc:
             raise StreamerError(
                 f"cannot listen on {self.host}:{self._port}: {exc.strerror or exc}"
             ) from exc
-        log.info("caption server listening on %s:%d", self.host, self.port)
+        scheme = "wss" if self.ssl_context is not None else "ws"
+        log.info("caption server listening on %s://%s:%d", scheme, self.host, self.port)
 
     @property
     def port(self) -> int:
@@ -251,6 +348,10 @@ class CaptionServer:
         route = self._routes.get(urlsplit(request.path).path)
         if route is None:
             return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        if route.handler is not None or route.auth:
+            refusal = self._check_access(conn, request, route)
+            if refusal is not None:
+                return refusal
         result = route.process(conn, request)
         if inspect.isawaitable(result):
             result = await result
@@ -267,6 +368,62 @@ class CaptionServer:
             return
         await route.handler(conn)
 
+    def _check_access(
+        self, conn: ServerConnection, request: Request, route: Route
+    ) -> Response | None:
+        """Origin allow-list and bearer header; None lets the request through."""
+        origins = self.access.allowed_origins
+        origin = request.headers.get("Origin")
+        if origins and origin is not None and origin not in origins:
+            self.rejected(route.name, "origin")
+            log.info("refused %s from %s: origin %r not allowed", route.name, _peer(conn), origin)
+            return conn.respond(HTTPStatus.FORBIDDEN, "origin not allowed\n")
+        if self.access.token is None:
+            return None
+        header = request.headers.get("Authorization")
+        if header is not None:
+            scheme, _, credential = header.partition(" ")
+            if scheme.lower() != "bearer" or not self.access.token_matches(credential.strip()):
+                self.rejected(route.name, "auth")
+                log.info("refused %s from %s: bad bearer token", route.name, _peer(conn))
+                return _unauthorized(conn)
+            self._authenticated.add(conn)
+            conn.connection_lost_waiter.add_done_callback(
+                lambda _: self._authenticated.discard(conn)
+            )
+            return None
+        if route.handler is None:  # plain HTTP has no first message to carry a token
+            self.rejected(route.name, "auth")
+            return _unauthorized(conn)
+        return None
+
+    async def authenticate_first_message(self, conn: ServerConnection, endpoint: str) -> bool:
+        """Browser auth on ``/v1/captions``: the first message carries the token.
+
+        Closes the connection (1008) and returns False when it does not.
+        """
+        try:
+            async with asyncio.timeout(self.access.auth_timeout):
+                message = await conn.recv()
+        except TimeoutError:
+            self.rejected(endpoint, "auth")
+            await close_with_error(conn, CloseCode.POLICY_VIOLATION, "authentication timed out")
+            return False
+        try:
+            if isinstance(message, bytes):
+                raise ProtocolError('expected {"type":"auth","token":…} first')
+            token = parse_auth(message)
+        except ProtocolError as exc:
+            self.rejected(endpoint, "auth")
+            await close_with_error(conn, exc.close_code, str(exc))
+            return False
+        if not self.access.token_matches(token):
+            self.rejected(endpoint, "auth")
+            log.info("refused %s from %s: bad token", endpoint, _peer(conn))
+            await close_with_error(conn, CloseCode.POLICY_VIOLATION, "authentication failed")
+            return False
+        return True
+
     def _healthz(self, conn: ServerConnection, request: Request) -> Response:
         return conn.respond(HTTPStatus.OK, "ok\n")
 
@@ -276,9 +433,16 @@ class CaptionServer:
         except Exception:
             log.exception("readiness check failed")
             ok = False
+        lines = []
+        for detail in self._ready_details:
+            try:
+                lines.append(detail())
+            except Exception:
+                log.exception("readiness detail failed")
+        body = "".join(f"{line}\n" for line in lines if line)
         if ok and not self._closing:
-            return conn.respond(HTTPStatus.OK, "ready\n")
-        return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
+            return conn.respond(HTTPStatus.OK, "ready\n" + body)
+        return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n" + body)
 
     # -- captions --------------------------------------------------------------------
 
@@ -289,8 +453,10 @@ class CaptionServer:
         try:
             parse_caption_query(urlsplit(request.path).query)
         except ValueError as exc:
+            self.rejected("captions", "bad_request")
             return conn.respond(HTTPStatus.BAD_REQUEST, f"{exc}\n")
         if len(self._caption_conns) >= self.max_subscribers:
+            self.rejected("captions", "limit")
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many subscribers\n")
         # The slot is held until the TCP connection is gone, whatever happens
         # between here and the handler (a failed handshake never runs it).
@@ -301,6 +467,10 @@ class CaptionServer:
     async def _serve_captions(self, conn: ServerConnection) -> None:
         assert conn.request is not None
         query = parse_caption_query(urlsplit(conn.request.path).query)
+        if self.needs_auth_message(conn) and not await self.authenticate_first_message(
+            conn, "captions"
+        ):
+            return
         sub = self._fanout.subscribe(
             query.streams,
             query.kinds,
@@ -318,8 +488,9 @@ class CaptionServer:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if sub.slow:
                 self.slow_disconnects += 1
+                self.rejected("captions", "slow")
                 log.warning("closing slow caption subscriber %s", _peer(conn))
-                await conn.close(CloseCode.TRY_AGAIN_LATER, "slow subscriber")
+                await close_with_error(conn, CloseCode.TRY_AGAIN_LATER, "slow subscriber")
             elif sender.done() and _failed(sender):
                 await conn.close(CloseCode.INTERNAL_ERROR, "internal error")
             elif not reader.done():
@@ -361,12 +532,46 @@ async def _read_client(conn: ServerConnection) -> None:
     try:
         async for message in conn:
             if isinstance(message, bytes):
-                await conn.close(
-                    CloseCode.UNSUPPORTED_DATA, "captions endpoint accepts no binary messages"
+                await close_with_error(
+                    conn, CloseCode.UNSUPPORTED_DATA, "captions endpoint accepts no binary messages"
                 )
                 return
     except ConnectionClosed:
         pass
+
+
+async def close_with_error(conn: ServerConnection, code: int, message: str) -> None:
+    """Tell the client why in a JSON error message, then close with ``code``."""
+    error = json.dumps({"type": "error", "code": code, "message": message}, ensure_ascii=False)
+    reason = message.encode()[:120].decode(errors="ignore")  # a close reason fits 123 bytes
+    try:
+        async with asyncio.timeout(1.0):  # a stalled client gets the close frame only
+            await conn.send(error)
+    except (ConnectionClosed, TimeoutError):
+        pass
+    await conn.close(code, reason)
+
+
+def http_response(
+    status: HTTPStatus, body: bytes, content_type: str, headers: Iterable[tuple[str, str]] = ()
+) -> Response:
+    """A plain HTTP answer with a body of any type (``conn.respond`` only does text)."""
+    fields = Headers(
+        [
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Connection", "close"),
+            ("Content-Length", str(len(body))),
+            ("Content-Type", content_type),
+            *headers,
+        ]
+    )
+    return Response(status.value, status.phrase, fields, body)
+
+
+def _unauthorized(conn: ServerConnection) -> Response:
+    response = conn.respond(HTTPStatus.UNAUTHORIZED, "authentication required\n")
+    response.headers["WWW-Authenticate"] = 'Bearer realm="streamer"'
+    return response
 
 
 def _peer(conn: ServerConnection) -> str:

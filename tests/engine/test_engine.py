@@ -22,7 +22,9 @@ def decoder(tmp_path_factory):
 
 def request(rid, stream="s", supersedes=None, n=6):
     audio = np.random.default_rng(rid).normal(0, 0.1, 16000).astype(np.float32)
-    return DecodeRequest(stream, rid, "partial", 0, audio, 0, 16000, (), (), n, None, supersedes)
+    return DecodeRequest(
+        stream, rid, "partial", 0, audio, 0, 16000, (), (), n, lang=None, supersedes=supersedes
+    )
 
 
 def collect(engine, reqs, timeout=60):
