@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a fresh Debian/Ubuntu machine for streamer:
-# Debian packages (PortAudio for microphones, Mosquitto for the MQTT tests),
-# a virtual environment in .venv, and the package with its dev extras.
+# Debian packages (PortAudio for microphones; with --test also what the test
+# suite drives: Mosquitto, espeak-ng, Chromium and its WebDriver), a virtual
+# environment in .venv, and the package with its dev extras.
 # Re-running is cheap: apt is skipped when the packages are there and pip
 # is skipped while pyproject.toml is unchanged.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-DEB_PACKAGES=(libportaudio2 mosquitto espeak-ng)
+DEB_PACKAGES=(libportaudio2)
+if [[ "${1:-}" == "--test" ]]; then
+  DEB_PACKAGES+=(mosquitto espeak-ng chromium chromium-driver)
+fi
 
 need=()
 for p in "${DEB_PACKAGES[@]}"; do
@@ -21,7 +25,7 @@ if ((${#need[@]})); then
   fi
   echo "bootstrap: installing Debian packages: ${need[*]}" >&2
   if ! { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; }; then
-    echo "bootstrap: warning: could not install ${need[*]} (microphones/MQTT tests need them)" >&2
+    echo "bootstrap: warning: could not install ${need[*]} (microphones and some tests need them)" >&2
   fi
   # Debian starts a system-wide broker on install; the tests start their own.
   if [[ " ${need[*]} " == *" mosquitto "* ]] && command -v systemctl >/dev/null 2>&1; then

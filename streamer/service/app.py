@@ -40,6 +40,7 @@ from streamer.errors import ConfigError, StreamerError
 from streamer.service.ingest import IngestLimits, IngestService
 from streamer.service.metrics import Metrics
 from streamer.service.streams import StreamRunner
+from streamer.sinks.caption_page import add_page_routes
 from streamer.sinks.console import ConsoleSink
 from streamer.sinks.fanout import Fanout, Subscription
 from streamer.sinks.jsonl import JsonlSink
@@ -404,6 +405,7 @@ class App:
             on_reject=self.metrics.connection_rejected,  # type: ignore[arg-type]
         )
         self.server.add_route("/metrics", self._serve_metrics, name="metrics", auth=True)
+        add_page_routes(self.server)
         limits = IngestLimits(
             max_streams=ws.max_streams,
             max_audio_rate=ws.max_audio_rate,

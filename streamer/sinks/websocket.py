@@ -15,7 +15,8 @@ anything else                                  404
 
 Access (:class:`AccessPolicy`), checked before the upgrade for every
 WebSocket route and for routes registered with ``auth=True``: an ``Origin``
-outside the allow-list answers 403; with a token configured, a wrong
+outside the allow-list (the daemon's own origin, its caption page, is always
+allowed) answers 403; with a token configured, a wrong
 ``Authorization: Bearer`` header answers 401. Browsers cannot set headers, so
 a WebSocket without the header is accepted and must authenticate with its
 first message (``/v1/captions``: ``{"type":"auth","token":…}``; ``/v1/stream``:
@@ -374,7 +375,8 @@ class CaptionServer:
         """Origin allow-list and bearer header; None lets the request through."""
         origins = self.access.allowed_origins
         origin = request.headers.get("Origin")
-        if origins and origin is not None and origin not in origins:
+        own = f"{'https' if self.ssl_context else 'http'}://{request.headers.get('Host', '')}"
+        if origins and origin is not None and origin not in origins and origin != own:
             self.rejected(route.name, "origin")
             log.info("refused %s from %s: origin %r not allowed", route.name, _peer(conn), origin)
             return conn.respond(HTTPStatus.FORBIDDEN, "origin not allowed\n")

@@ -180,3 +180,20 @@ def test_trimmed_whisper_decode_equals_generate_on_the_same_encoder_states(tmp_p
         num_beams=1,
     )
     assert ours == out[0, len(prefix) :].tolist()
+
+
+def test_a_request_may_choose_its_task(decoder):
+    m = decoder.m
+    if m.family != "whisper":
+        assert decoder.start_tokens((), "fr", "translate") == decoder.start_tokens((), "fr")
+        return
+    sot, fr = m.extra["sot"], m.lang_to_id["fr"]
+    translate, transcribe = m.task_to_id["translate"], m.task_to_id["transcribe"]
+    notimestamps = m.extra["no_timestamps"]
+    # configured: fr -> en, task auto: translate
+    assert decoder.start_tokens((), "fr") == [sot, fr, translate, notimestamps]
+    assert decoder.start_tokens((), "fr", "transcribe") == [sot, fr, transcribe, notimestamps]
+    # English speech with target English: transcribe, unless the request says otherwise
+    en = m.lang_to_id["en"]
+    assert decoder.start_tokens((), "en", None) == [sot, en, transcribe, notimestamps]
+    assert decoder.start_tokens((), "en", "translate") == [sot, en, translate, notimestamps]

@@ -34,6 +34,7 @@ from streamer.config import (
     VadConfig,
     WebSocketConfig,
 )
+from streamer.errors import ConfigError
 from streamer.service.app import App
 from streamer.testing.tiny_models import make_whisper
 from streamer.types import Hypothesis
@@ -169,9 +170,14 @@ async def test_round_trip_events_on_the_socket_and_for_subscribers(app: App) -> 
         async with connect(ws_url(app, "/v1/stream")) as ws:
             await ws.send(
                 json.dumps(
-                    {"type": "start", "stream": "alice", "sample_rate": rate,
-                     "encoding": "pcm_f32le", "channels": 2}
-                )  # fmt: skip
+                    {
+                        "type": "start",
+                        "stream": "alice",
+                        "sample_rate": rate,
+                        "encoding": "pcm_f32le",
+                        "channels": 2,
+                    }
+                )
             )
             ready = json.loads(await ws.recv())
             assert ready == {
@@ -228,6 +234,61 @@ async def test_disconnect_without_stop_still_finalises_for_other_sinks(app: App)
         while final["end"] < duration - 0.05:
             final = json.loads(await asyncio.wait_for(sub.recv(), TIMEOUT))
         assert final["type"] == "final"
+
+
+async def test_client_chooses_language_and_task_when_allowed(tiny_whisper: Path) -> None:
+    cfg = make_config(tiny_whisper, client_languages="auto,fr", client_tasks="translate")
+    async with running(cfg) as app:
+        assert app.engine is not None
+        submitted = []
+        real_submit = app.engine.submit
+
+        def spy(req: Any, callback: Any) -> None:
+            submitted.append(req)
+            real_submit(req, callback)
+
+        app.engine.submit = spy  # type: ignore[method-assign]
+        events = await stream_clip(app, "fr-client", language="fr", task="translate")
+        assert {e["lang"] for e in events} == {"fr"}
+        assert {(r.lang, r.task) for r in submitted} == {("fr", "translate")}
+        submitted.clear()
+        await stream_clip(app, "plain")  # options are per stream
+        assert {(r.lang, r.task) for r in submitted} == {("en", None)}
+
+
+async def test_client_options_the_model_lacks_are_a_config_error(tiny_whisper: Path) -> None:
+    app = App(make_config(tiny_whisper, client_languages="xx"), keep_serving=True)
+    with pytest.raises(ConfigError, match="'xx' is not a language of this model") as err:
+        await asyncio.wait_for(app.run(), TIMEOUT)
+    assert err.value.key == "websocket.client_languages"
+
+
+async def test_whisper_base_round_trip(whisper_base_dir: Path, audio_dir: Path) -> None:
+    """The real model through /v1/stream: 48 kHz s16 in, the clip's words out."""
+    import soxr
+
+    from tools.metrics import word_error_rate
+
+    reference = {
+        json.loads(line)["path"]: json.loads(line)["text"]
+        for line in (audio_dir / "manifest.jsonl").read_text().splitlines()
+    }["fleurs-en-004.ogg"]
+    # The server's throttle paces the client at 2x real time: partials have time to show.
+    cfg = make_config(whisper_base_dir, max_audio_rate=2.0, audio_burst_s=0.5)
+    async with running(cfg) as app:
+        audio, rate = sf.read(CLIP, dtype="float32")
+        pcm = (soxr.resample(audio, rate, 48000) * 32767).astype("<i2").tobytes()
+        async with connect(ws_url(app, "/v1/stream")) as ws:
+            await ws.send(start_msg(48000, stream="base"))
+            assert json.loads(await ws.recv())["model_sample_rate"] == 16000
+            await send_pcm(ws, pcm, frame=9600)  # 100 ms frames
+            await ws.send('{"type":"stop"}')
+            events = await read_all(ws)
+        assert ws.close_code == 1000
+    finals = [e["text"] for e in events if e["type"] == "final"]
+    assert any(e["type"] == "partial" for e in events)
+    scores = word_error_rate([reference], [" ".join(finals)], "en")
+    assert scores is not None and scores["wer"] < 0.2, (scores, finals)
 
 
 # -- malformed input -------------------------------------------------------------------
@@ -377,15 +438,15 @@ async def test_faster_than_allowed_client_is_throttled(tiny_whisper: Path) -> No
 # -- access ------------------------------------------------------------------------------
 
 
-async def test_bearer_token_header_or_first_message(
-    tiny_whisper: Path, tmp_path: Path
-) -> None:
+async def test_bearer_token_header_or_first_message(tiny_whisper: Path, tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     async with running(make_config(tiny_whisper, auth_token_file=str(token))) as app:
         good = {"Authorization": "Bearer s3cret"}
         with pytest.raises(InvalidStatus) as bad_header:
-            await connect(ws_url(app, "/v1/stream"), additional_headers={"Authorization": "Bearer x"})
+            await connect(
+                ws_url(app, "/v1/stream"), additional_headers={"Authorization": "Bearer x"}
+            )
         assert bad_header.value.response.status_code == 401
         async with connect(ws_url(app, "/v1/stream"), additional_headers=good) as ws:
             await ws.send(start_msg())
@@ -417,6 +478,10 @@ async def test_origin_allow_list(tiny_whisper: Path) -> None:
             await still_serving(app, sub, 4)
         async with connect(ws_url(app, "/v1/captions")) as sub:  # no Origin: not a browser
             await still_serving(app, sub, 5)
+        assert app.server is not None
+        own = f"http://127.0.0.1:{app.server.port}"  # the daemon's own caption page
+        async with connect(ws_url(app, "/v1/captions"), origin=own) as sub:  # type: ignore[arg-type]
+            await still_serving(app, sub, 6)
 
 
 async def test_tls(tiny_whisper: Path, tmp_path: Path) -> None:

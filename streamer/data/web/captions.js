@@ -1,0 +1,492 @@
+// streamer caption page: live captions from /v1/captions, optional microphone via /v1/stream.
+//
+// No framework and no build step: the daemon serves this file as is, under a
+// Content-Security-Policy that forbids inline script, so everything the page
+// does lives here. Protocol: /work/notes/protocol.md in the source tree
+// (caption events, auth message, the /v1/stream start/ready/stop exchange).
+
+"use strict";
+
+(() => {
+  const MAX_FINALS = 50; // finished lines kept per stream
+  const BACKOFF_MIN_MS = 500;
+  const BACKOFF_MAX_MS = 10000;
+  // A connection counts as successful (backoff reset) once it delivered an
+  // event or stayed open this long: a server that accepts and immediately
+  // closes must not be hammered every half second.
+  const STABLE_MS = 3000;
+  const SEQ_MEMORY = 256; // recent events remembered per stream to recognise duplicates
+  const STOP_TIMEOUT_MS = 20000; // wait for the server's close after {"type":"stop"}
+  const STREAM_ID = /^[A-Za-z0-9_.-]{1,64}$/;
+  const TARGET_RATE = 16000;
+
+  const $ = (id) => document.getElementById(id);
+  const ui = {
+    status: $("status"),
+    captions: $("captions"),
+    placeholder: $("placeholder"),
+    settings: $("settings"),
+    token: $("token"),
+    tokenForm: $("token-form"),
+    mic: $("mic"),
+    micStream: $("mic-stream"),
+    micStatus: $("mic-status"),
+  };
+  const pageQuery = new URLSearchParams(location.search);
+
+  // -- helpers -----------------------------------------------------------------------
+
+  function tokenFromFragment() {
+    return new URLSearchParams(location.hash.replace(/^#/, "")).get("token") || "";
+  }
+
+  function currentToken() {
+    return ui.token.value.trim();
+  }
+
+  /** ws(s)://same-host/<path>, relative to the page so a path prefix behind a proxy works. */
+  function endpoint(path, query) {
+    const url = new URL(path, location.href);
+    url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+    url.search = query ? query.toString() : "";
+    url.hash = "";
+    return url.href;
+  }
+
+  function describeClose(close, opened) {
+    const reason = close.reason ? `${close.reason} (${close.code})` : "";
+    if (reason) return reason;
+    if (close.code === 1006) return opened ? "connection lost" : "server unreachable";
+    if (close.code === 1001) return "server going away (1001)";
+    return `closed (${close.code})`;
+  }
+
+  function setStatus(state, text) {
+    ui.status.dataset.state = state;
+    ui.status.textContent = text;
+  }
+
+  // -- caption panels --------------------------------------------------------------------
+
+  const streams = new Map();
+
+  function panel(name) {
+    let s = streams.get(name);
+    if (s) return s;
+    const section = document.createElement("section");
+    section.className = "stream";
+    section.dataset.stream = name;
+    section.setAttribute("aria-label", `Stream ${name}`);
+    const heading = document.createElement("h2");
+    heading.textContent = name;
+    const lines = document.createElement("div");
+    lines.className = "lines";
+    // Only finished lines are announced: re-reading a changing partial to a
+    // screen reader user on every update would be noise.
+    const partial = document.createElement("p");
+    partial.className = "partial";
+    partial.hidden = true;
+    partial.setAttribute("aria-hidden", "true");
+    const committed = document.createElement("span");
+    committed.className = "committed";
+    const tentative = document.createElement("span");
+    tentative.className = "tentative";
+    partial.append(committed, tentative);
+    section.append(heading, lines, partial);
+    ui.placeholder.hidden = true;
+    ui.captions.append(section);
+    s = {
+      name, section, lines, partial, committed, tentative,
+      lastSeq: -Infinity,
+      seen: new Map(), // seq -> fingerprint of the event, last SEQ_MEMORY events
+      finalSegment: -Infinity, // newest segment that has its final
+    };
+    streams.set(name, s);
+    return s;
+  }
+
+  function fingerprint(ev) {
+    return JSON.stringify([ev.type, ev.segment, ev.text, ev.start, ev.end]);
+  }
+
+  function remember(s, ev) {
+    s.seen.set(ev.seq, fingerprint(ev));
+    if (s.seen.size > SEQ_MEMORY) s.seen.delete(s.seen.keys().next().value);
+    s.lastSeq = ev.seq;
+  }
+
+  /**
+   * Is this event new? seq grows per stream, so seq <= the last one seen is a
+   * duplicate (a redelivery after a reconnect, or the same event from the
+   * microphone socket and the caption socket). Except when the numbering
+   * started over (daemon restarted, stream id reused): then the event differs
+   * from the one seen under that seq, or is older than anything remembered.
+   */
+  function isNew(s, ev) {
+    if (!Number.isInteger(ev.seq)) return true;
+    if (ev.seq > s.lastSeq) {
+      remember(s, ev);
+      return true;
+    }
+    const known = s.seen.get(ev.seq);
+    if (known === fingerprint(ev)) return false;
+    const oldest = s.seen.size ? s.seen.keys().next().value : -Infinity;
+    if (known === undefined && ev.seq >= oldest) return false; // superseded, never shown
+    s.seen.clear();
+    s.finalSegment = -Infinity;
+    hidePartial(s);
+    remember(s, ev);
+    return true;
+  }
+
+  function stickToBottom(lines, update) {
+    const atBottom = lines.scrollHeight - lines.scrollTop - lines.clientHeight < 48;
+    update();
+    if (atBottom) lines.scrollTop = lines.scrollHeight;
+  }
+
+  function hidePartial(s) {
+    s.partial.hidden = true;
+    s.committed.textContent = "";
+    s.tentative.textContent = "";
+    delete s.partial.dataset.segment;
+    delete s.partial.dataset.seq;
+  }
+
+  function showPartial(s, ev) {
+    if (ev.segment <= s.finalSegment) return; // that segment is already final
+    const text = typeof ev.text === "string" ? ev.text : "";
+    let committed = typeof ev.committed === "string" ? ev.committed : "";
+    let tentative = typeof ev.tentative === "string" ? ev.tentative : text.slice(committed.length);
+    if (committed + tentative !== text && text) {
+      committed = "";
+      tentative = text;
+    }
+    s.committed.textContent = committed;
+    s.tentative.textContent = tentative;
+    s.partial.dataset.segment = String(ev.segment);
+    s.partial.dataset.seq = String(ev.seq);
+    if (ev.lang) s.partial.lang = ev.lang;
+    s.partial.hidden = false;
+  }
+
+  function addFinal(s, ev) {
+    const segment = Number.isInteger(ev.segment) ? ev.segment : -Infinity;
+    const shown = Number(s.partial.dataset.segment);
+    if (!s.partial.hidden && !(shown > segment)) hidePartial(s);
+    s.finalSegment = Math.max(s.finalSegment, segment);
+    const text = typeof ev.text === "string" ? ev.text.trim() : "";
+    if (!text) return; // an empty final only clears the partial
+    stickToBottom(s.lines, () => {
+      const line = document.createElement("p");
+      line.className = "final";
+      line.dataset.segment = String(ev.segment);
+      line.dataset.seq = String(ev.seq);
+      if (ev.lang) line.lang = ev.lang;
+      if (Number.isFinite(ev.start) && Number.isFinite(ev.end)) {
+        line.title = `${ev.start.toFixed(1)}–${ev.end.toFixed(1)} s`;
+      }
+      line.textContent = text;
+      s.lines.append(line);
+      while (s.lines.childElementCount > MAX_FINALS) s.lines.firstElementChild.remove();
+    });
+  }
+
+  function handleEvent(ev) {
+    if (!ev || typeof ev !== "object" || typeof ev.stream !== "string") return;
+    if (ev.type !== "partial" && ev.type !== "final") return;
+    const s = panel(ev.stream);
+    if (!isNew(s, ev)) return;
+    if (ev.type === "partial") showPartial(s, ev);
+    else addFinal(s, ev);
+  }
+
+  function parseMessage(data) {
+    try {
+      return JSON.parse(data);
+    } catch {
+      return null;
+    }
+  }
+
+  // -- the caption subscription, reconnecting ----------------------------------------------
+
+  const sub = {
+    ws: null, attempt: 0, timer: 0, ticker: 0, openedAt: 0, delivered: false, error: "",
+  };
+
+  function clearRetry() {
+    clearTimeout(sub.timer);
+    clearInterval(sub.ticker);
+    sub.timer = sub.ticker = 0;
+  }
+
+  function connect() {
+    clearRetry();
+    const query = new URLSearchParams();
+    for (const key of ["streams", "kinds"]) {
+      const value = pageQuery.get(key);
+      if (value) query.set(key, value);
+    }
+    if (!sub.attempt) setStatus("connecting", "connecting…");
+    let ws;
+    try {
+      ws = new WebSocket(endpoint("v1/captions", query));
+    } catch (err) {
+      setStatus("error", `cannot connect: ${err.message}`);
+      return;
+    }
+    sub.ws = ws;
+    sub.openedAt = 0;
+    sub.delivered = false;
+    sub.error = "";
+    ws.onopen = () => {
+      if (sub.ws !== ws) return;
+      const token = currentToken();
+      if (token) ws.send(JSON.stringify({ type: "auth", token }));
+      sub.openedAt = performance.now();
+      setStatus("live", "live");
+    };
+    ws.onmessage = (msg) => {
+      if (sub.ws !== ws || typeof msg.data !== "string") return;
+      const m = parseMessage(msg.data);
+      if (m && m.type === "error") {
+        sub.error = String(m.message || "error"); // the server's reason, sent before its close
+        return;
+      }
+      sub.delivered = true;
+      handleEvent(m);
+    };
+    ws.onclose = (close) => {
+      if (sub.ws !== ws) return;
+      sub.ws = null;
+      const opened = sub.openedAt > 0;
+      if (sub.delivered || (opened && performance.now() - sub.openedAt >= STABLE_MS)) {
+        sub.attempt = 0;
+      }
+      const why = sub.error ? `${sub.error} (${close.code})` : describeClose(close, opened);
+      if (close.code === 1008) {
+        // Policy (bad or missing token): the same request would fail again.
+        setStatus("error", `${why}: enter the access token and reconnect`);
+        ui.settings.open = true;
+        return;
+      }
+      scheduleReconnect(why);
+    };
+  }
+
+  function scheduleReconnect(why) {
+    const cap = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** Math.min(sub.attempt, 16));
+    const delay = cap / 2 + (Math.random() * cap) / 2; // "equal jitter"
+    sub.attempt += 1;
+    const due = performance.now() + delay;
+    const tick = () => {
+      const seconds = Math.max(1, Math.ceil((due - performance.now()) / 1000));
+      setStatus("reconnecting", `reconnecting in ${seconds} s — ${why}`);
+    };
+    tick();
+    sub.ticker = setInterval(tick, 250);
+    sub.timer = setTimeout(connect, delay);
+  }
+
+  function reconnectNow() {
+    sub.attempt = 0;
+    const old = sub.ws;
+    sub.ws = null;
+    if (old) old.close(1000, "reconnecting");
+    connect();
+  }
+
+  // -- the microphone: AudioWorklet -> /v1/stream -------------------------------------------
+
+  const mic = {
+    state: "idle", // idle | starting | on | stopping
+    ws: null, ctx: null, media: null, source: null, node: null,
+    ready: false, stopSent: false, error: "", stopTimer: 0,
+  };
+
+  function randomStreamId() {
+    const alphabet = "abcdefghijklmnopqrstuvwxyz0123456789";
+    const bytes = crypto.getRandomValues(new Uint8Array(4));
+    return "browser-" + Array.from(bytes, (b) => alphabet[b % alphabet.length]).join("");
+  }
+
+  function setMic(state, text, error = false) {
+    mic.state = state;
+    ui.mic.dataset.state = state;
+    ui.mic.textContent = state === "on" || state === "stopping" ? "Stop" : "Use my microphone";
+    ui.mic.disabled = state === "starting" || state === "stopping";
+    ui.micStream.disabled = state !== "idle";
+    ui.micStatus.dataset.state = error ? "error" : state;
+    ui.micStatus.textContent = text;
+  }
+
+  function releaseAudio() {
+    if (mic.source) mic.source.disconnect();
+    if (mic.node) {
+      mic.node.port.onmessage = null;
+      mic.node.disconnect();
+    }
+    if (mic.media) for (const track of mic.media.getTracks()) track.stop();
+    if (mic.ctx) mic.ctx.close().catch(() => {});
+    mic.source = mic.node = mic.media = mic.ctx = null;
+  }
+
+  function finishMic(text, error) {
+    clearTimeout(mic.stopTimer);
+    releaseAudio();
+    const ws = mic.ws;
+    mic.ws = null;
+    if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000, "client done");
+    mic.ready = mic.stopSent = false;
+    mic.error = "";
+    setMic("idle", text, error);
+  }
+
+  function mediaError(err) {
+    const name = err && err.name;
+    if (name === "NotAllowedError") return "microphone permission denied";
+    if (name === "NotFoundError") return "no microphone found";
+    if (name === "NotReadableError") return "the microphone is busy or unavailable";
+    return `microphone error: ${(err && err.message) || err}`;
+  }
+
+  async function startMic() {
+    const stream = ui.micStream.value.trim() || randomStreamId();
+    if (!STREAM_ID.test(stream)) {
+      setMic("idle", "stream name: 1 to 64 of A-Z a-z 0-9 _ . -", true);
+      return;
+    }
+    ui.micStream.value = stream;
+    if (!navigator.mediaDevices || !window.AudioWorkletNode) {
+      setMic("idle", "the microphone needs a secure page (https:// or localhost)", true);
+      return;
+    }
+    setMic("starting", "asking for the microphone…");
+    // Created inside the click so that autoplay rules let it run.
+    mic.ctx = new AudioContext();
+    try {
+      mic.media = await navigator.mediaDevices.getUserMedia({
+        audio: {
+          channelCount: 1,
+          echoCancellation: false,
+          noiseSuppression: false,
+          autoGainControl: false,
+        },
+      });
+      await mic.ctx.audioWorklet.addModule(new URL("mic-worklet.js", location.href).href);
+      mic.source = mic.ctx.createMediaStreamSource(mic.media);
+      mic.node = new AudioWorkletNode(mic.ctx, "pcm16k-capture", {
+        numberOfInputs: 1,
+        numberOfOutputs: 1, // silent, connected to the destination so it is always pulled
+        outputChannelCount: [1],
+        channelCount: 1,
+        channelCountMode: "explicit",
+        channelInterpretation: "speakers",
+        processorOptions: { targetRate: TARGET_RATE, chunkMs: 100 },
+      });
+    } catch (err) {
+      finishMic(mediaError(err), true);
+      return;
+    }
+    mic.node.port.onmessage = onWorkletMessage;
+    openStreamSocket(stream);
+  }
+
+  function openStreamSocket(stream) {
+    setMic("starting", `opening stream ${stream}…`);
+    const ws = new WebSocket(endpoint("v1/stream"));
+    ws.binaryType = "arraybuffer";
+    mic.ws = ws;
+    ws.onopen = () => {
+      const start = {
+        type: "start", stream, sample_rate: TARGET_RATE, encoding: "pcm_s16le", channels: 1,
+      };
+      const token = currentToken();
+      if (token) start.token = token;
+      ws.send(JSON.stringify(start));
+    };
+    ws.onmessage = (msg) => {
+      if (mic.ws !== ws || typeof msg.data !== "string") return;
+      const m = parseMessage(msg.data);
+      if (!m) return;
+      if (m.type === "ready") onReady(m);
+      else if (m.type === "error") {
+        mic.error = `${m.message || "error"} (${m.code})`;
+        ui.micStatus.dataset.state = "error";
+        ui.micStatus.textContent = mic.error;
+      } else handleEvent(m); // this stream's captions (duplicates of the subscription's are dropped)
+    };
+    ws.onclose = (close) => {
+      if (mic.ws !== ws) return;
+      if (mic.error) finishMic(`stopped: ${mic.error}`, true);
+      else if (mic.stopSent && close.code === 1000) finishMic(`stream ${stream} finished`, false);
+      else {
+        const why = mic.ready || close.code !== 1006
+          ? describeClose(close, true)
+          : "the server refused the audio stream";
+        finishMic(`audio stream closed: ${why}`, true);
+      }
+    };
+  }
+
+  function onReady(m) {
+    mic.ready = true;
+    mic.source.connect(mic.node);
+    mic.node.connect(mic.ctx.destination);
+    mic.ctx.resume().catch(() => {});
+    const rate = mic.ctx.sampleRate;
+    setMic("on", `streaming as ${m.stream} (${rate} Hz → ${TARGET_RATE} Hz)`);
+    ui.micStatus.dataset.stream = m.stream;
+  }
+
+  function onWorkletMessage(event) {
+    const ws = mic.ws;
+    if (!ws || ws.readyState !== WebSocket.OPEN) return;
+    if (event.data instanceof ArrayBuffer) {
+      if (mic.ready && !mic.stopSent) ws.send(event.data);
+    } else if (event.data && event.data.type === "flushed" && !mic.stopSent) {
+      mic.stopSent = true;
+      ws.send(JSON.stringify({ type: "stop" }));
+    }
+  }
+
+  function stopMic() {
+    if (!mic.ready) {
+      finishMic("cancelled", false);
+      return;
+    }
+    setMic("stopping", "finishing the last sentence…");
+    // No more audio in; the worklet posts what it buffered, then "flushed",
+    // and only then does "stop" go out: the tail is not lost.
+    mic.source.disconnect();
+    mic.node.port.postMessage({ type: "flush" });
+    mic.stopTimer = setTimeout(() => finishMic("the server did not close in time", true),
+      STOP_TIMEOUT_MS);
+  }
+
+  // -- wiring --------------------------------------------------------------------------------
+
+  ui.token.value = tokenFromFragment();
+  ui.micStream.value = randomStreamId();
+  ui.tokenForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    reconnectNow();
+  });
+  window.addEventListener("hashchange", () => {
+    const token = tokenFromFragment();
+    if (token && token !== currentToken()) {
+      ui.token.value = token;
+      reconnectNow();
+    }
+  });
+  window.addEventListener("online", () => {
+    if (!sub.ws) reconnectNow();
+  });
+  ui.mic.addEventListener("click", () => {
+    if (mic.state === "idle") startMic();
+    else if (mic.state === "on") stopMic();
+  });
+  setMic("idle", "");
+  connect();
+})();
