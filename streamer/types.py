@@ -54,6 +54,28 @@ class Hypothesis:
     latency_ms: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_wire(cls, obj: dict[str, Any]) -> Hypothesis:
+        """Parse a caption event (clients of the daemon); unknown keys go to ``extra``."""
+        known = {"v", "type", "stream", "segment", "seq", "text", "committed", "tentative",
+                 "start", "end", "lang", "latency_ms"}  # fmt: skip
+        if obj.get("type") not in ("partial", "final"):
+            raise ValueError(f"not a caption event: type {obj.get('type')!r}")
+        return cls(
+            kind=obj["type"],
+            stream=str(obj["stream"]),
+            segment=int(obj["segment"]),
+            seq=int(obj["seq"]),
+            text=str(obj["text"]),
+            start=float(obj["start"]),
+            end=float(obj["end"]),
+            committed=str(obj.get("committed", "")),
+            tentative=str(obj.get("tentative", "")),
+            lang=obj.get("lang"),
+            latency_ms=obj.get("latency_ms"),
+            extra={k: v for k, v in obj.items() if k not in known},
+        )
+
     def to_wire(self) -> dict[str, Any]:
         """The JSON object of DESIGN.md section 4 (one schema for every sink)."""
         out: dict[str, Any] = {
