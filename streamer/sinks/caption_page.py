@@ -26,15 +26,13 @@ dropped by websockets' parser before it reaches us).
 
 from __future__ import annotations
 
-import email.utils
 import importlib.resources
 from http import HTTPStatus
 
 from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from streamer.sinks.websocket import CaptionServer, HttpProcess
+from streamer.sinks.websocket import CaptionServer, HttpProcess, http_response
 
 __all__ = ["CONTENT_SECURITY_POLICY", "PAGE_FILES", "add_page_routes", "static_response"]
 
@@ -78,22 +76,8 @@ def read_page_file(name: str) -> bytes:
 def static_response(
     status: HTTPStatus, body: bytes, content_type: str, extra: tuple[tuple[str, str], ...] = ()
 ) -> Response:
-    """A complete HTTP response with the page's security headers.
-
-    ``Connection: close`` because websockets closes the TCP connection after
-    any answer that is not a WebSocket upgrade.
-    """
-    headers = Headers(
-        [
-            ("Date", email.utils.formatdate(usegmt=True)),
-            ("Connection", "close"),
-            ("Content-Type", content_type),
-            ("Content-Length", str(len(body))),
-            *_SECURITY_HEADERS,
-            *extra,
-        ]
-    )
-    return Response(status.value, status.phrase, headers, body)
+    """A complete HTTP response with the page's security headers."""
+    return http_response(status, body, content_type, (*_SECURITY_HEADERS, *extra))
 
 
 def _static(body: bytes, content_type: str) -> HttpProcess:

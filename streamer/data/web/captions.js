@@ -2,7 +2,7 @@
 //
 // No framework and no build step: the daemon serves this file as is, under a
 // Content-Security-Policy that forbids inline script, so everything the page
-// does lives here. Protocol: /work/notes/protocol.md in the source tree
+// does lives here. Protocol: README.md, "WebSocket protocol"
 // (caption events, auth message, the /v1/stream start/ready/stop exchange).
 
 "use strict";
