@@ -97,18 +97,35 @@ class Decoder:
         )
 
     # --------------------------------------------------------------- encoder
-    def features(self, audio: FloatArray) -> dict[str, torch.Tensor]:
+    def bucket(self, samples: int) -> int:
+        """The padded length a window is encoded at (whole seconds for trimmed Whisper).
+
+        Windows of one bucket encode together in one batch; decoding a window
+        alone pads it the same way, so batching never changes a result.
+        """
+        if not self.trimmed:
+            return samples
+        rate = self.m.sample_rate
+        return min(-(-samples // rate) * rate, int(self.m.feature_extractor.n_samples))
+
+    def features(self, audios: list[FloatArray]) -> dict[str, torch.Tensor]:
+        """Model input features of equally long windows, one row each."""
         fe = self.m.feature_extractor
         kwargs: dict[str, Any] = {"sampling_rate": self.m.sample_rate, "return_tensors": "pt"}
+        batch = [np.asarray(a, dtype=np.float32) for a in audios]
         if self.trimmed:
             kwargs["padding"] = "longest"
             max_samples = int(fe.n_samples)
-            tail = min(round(TRIMMED_TAIL_S * self.m.sample_rate), max_samples - len(audio))
-            if tail > 0:
-                audio = np.concatenate([audio, np.zeros(tail, dtype=np.float32)])
+            padded = []
+            for audio in batch:
+                target = self.bucket(len(audio))
+                tail = min(target - len(audio) + round(TRIMMED_TAIL_S * self.m.sample_rate),
+                           max_samples - len(audio))  # fmt: skip
+                padded.append(np.pad(audio, (0, max(tail, 0))))
+            batch = padded
         if self.m.family != "whisper":
             kwargs["return_attention_mask"] = True
-        out = fe(np.asarray(audio, dtype=np.float32), **kwargs)
+        out = fe(batch if len(batch) > 1 else batch[0], **kwargs)
         name = self._encoder.main_input_name
         feats: dict[str, torch.Tensor] = {name: out[name].to(self.m.device, dtype=self.m.dtype)}
         if self.m.family != "whisper" and "attention_mask" in out:
@@ -116,7 +133,11 @@ class Decoder:
         return feats
 
     def encode(self, audio: FloatArray) -> EncodedWindow:
-        feats = self.features(audio)
+        return self.encode_batch([audio])[0]
+
+    def encode_batch(self, audios: list[FloatArray]) -> list[EncodedWindow]:
+        """Encode windows of one bucket (equal padded length) in one encoder pass."""
+        feats = self.features(audios)
         if self.trimmed:
             hidden = self._encode_trimmed(feats["input_features"])
         else:
@@ -134,7 +155,10 @@ class Decoder:
             )
         if self._proj is not None and self.m.family == "sed":
             hidden = self._proj(hidden)
-        return EncodedWindow(hidden, mask)
+        return [
+            EncodedWindow(hidden[i : i + 1], None if mask is None else mask[i : i + 1])
+            for i in range(hidden.shape[0])
+        ]
 
     def _encode_trimmed(self, feats: torch.Tensor) -> torch.Tensor:
         """Whisper's encoder on a window shorter than 30 s.

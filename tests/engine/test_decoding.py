@@ -36,7 +36,7 @@ def reference_generate(
     dec: Decoder, audio, prefix: list[int], n: int, num_beams: int = 1
 ) -> list[int]:
     """generate(do_sample=False, num_beams=1) continuing ``prefix`` on the same input."""
-    feats = dec.features(audio)
+    feats = dec.features([audio])
     model = dec.model
     kwargs = dict(
         decoder_input_ids=torch.tensor([prefix]),

@@ -381,26 +381,30 @@ async def test_stream_id_in_use_is_refused(app: App) -> None:
 
 
 async def test_frame_over_the_limit_is_1009(tiny_whisper: Path) -> None:
-    async with running(make_config(tiny_whisper, max_frame_bytes=4096)) as app:
-        async with connect(ws_url(app, "/v1/captions?streams=marker")) as sub:
-            async with connect(ws_url(app, "/v1/stream"), max_size=None) as ws:
-                await ws.send(start_msg())
-                await ws.recv()
-                await ws.send(b"\x00" * 8192)
-                await read_all(ws)
-            assert ws.close_code == 1009
-            await still_serving(app, sub, 1)
+    async with (
+        running(make_config(tiny_whisper, max_frame_bytes=4096)) as app,
+        connect(ws_url(app, "/v1/captions?streams=marker")) as sub,
+    ):
+        async with connect(ws_url(app, "/v1/stream"), max_size=None) as ws:
+            await ws.send(start_msg())
+            await ws.recv()
+            await ws.send(b"\x00" * 8192)
+            await read_all(ws)
+        assert ws.close_code == 1009
+        await still_serving(app, sub, 1)
 
 
 async def test_idle_client_is_closed(tiny_whisper: Path) -> None:
-    async with running(make_config(tiny_whisper, idle_timeout_s=0.3)) as app:
-        async with connect(ws_url(app, "/v1/captions?streams=marker")) as sub:
-            async with connect(ws_url(app, "/v1/stream")) as ws:
-                await ws.send(start_msg())
-                await ws.recv()
-                events = await read_all(ws)
-            assert ws.close_code == 1008 and "idle timeout" in events[-1]["message"]
-            await still_serving(app, sub, 1)
+    async with (
+        running(make_config(tiny_whisper, idle_timeout_s=0.3)) as app,
+        connect(ws_url(app, "/v1/captions?streams=marker")) as sub,
+    ):
+        async with connect(ws_url(app, "/v1/stream")) as ws:
+            await ws.send(start_msg())
+            await ws.recv()
+            events = await read_all(ws)
+        assert ws.close_code == 1008 and "idle timeout" in events[-1]["message"]
+        await still_serving(app, sub, 1)
 
 
 # -- limits --------------------------------------------------------------------------

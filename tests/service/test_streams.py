@@ -106,7 +106,7 @@ async def test_final_equals_offline_greedy_decode_without_stabilisation(family, 
     for ev, req in zip(finals, final_reqs, strict=True):
         assert req.forced == ()
         assert np.array_equal(req.audio, audio[req.start : req.end])
-        feats = dec.features(req.audio)
+        feats = dec.features([req.audio])
         prefix = dec.start_tokens(req.prompt, "en")
         generate = GenerationMixin.generate if family == "whisper" else type(dec.model).generate
         out = generate(

@@ -1,0 +1,406 @@
+"""Executes the scheduler's steps on the device: batched encode, prefill and decode.
+
+Shapes: windows of one length bucket are encoded in one encoder pass
+(``Decoder.encode_batch``). Prefixes are prefilled together, left-padded, with
+a self-attention padding mask and per-row position ids; encoder states are
+right-padded along frames with a cross-attention mask. Running sequences live
+in groups, each one batched ``EncoderDecoderCache``; every step each group
+decodes one token per row in one decoder pass. Newcomers join a group by
+concatenating caches (self-attention left-padded along time,
+cross-attention right-padded along frames); finished rows leave with
+``batch_select_indices``, and left padding no row needs any more is cut.
+
+Families whose decoders honour position ids (Whisper, and SED decoders such as
+BERT and GPT-2) share one group whatever their lengths. The others (MBart,
+Marian, Speech2Text) derive positions from the cache length, so they are
+grouped by length: every row of a group then has the same length, needs no
+padding, and the group advances in lock step. Whisper's decoder does not pass
+a cross-attention mask to its layers, so :func:`_whisper_decoder` runs the
+same layers with one. Greedy only: beam search runs each window alone
+(``Decoder.run``).
+
+The tokens of a batched sequence equal those of decoding its window alone
+(``Decoder.run``), in fp32: tests check it for every model family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from streamer.core.session import DecodeResult
+from streamer.engine.decoding import Decoder, EncodedWindow, find_loop
+from streamer.engine.scheduler import Job
+
+__all__ = ["POSITION_AWARE_DECODERS", "BatchRunner"]
+
+#: SED decoder model types whose ``position_ids`` argument is honoured.
+POSITION_AWARE_DECODERS = frozenset(
+    {"bert", "roberta", "xlm-roberta", "electra", "gpt2", "bert-generation", "whisper_decoder"}
+)
+
+
+@dataclass(slots=True, eq=False)
+class _Group:
+    """Running sequences decoded together: one cache, one row each."""
+
+    jobs: list[Job]
+    cache: Any  # EncoderDecoderCache, batch = len(jobs)
+    mask: torch.Tensor  # (B, S) long: 1 = a real token in the self-attention cache
+    positions: torch.Tensor  # (B,) long: position of each row's next token
+    enc: torch.Tensor  # (B, T, D) encoder states, right-padded
+    enc_mask: torch.Tensor  # (B, T) bool: real encoder frames
+    last: torch.Tensor  # (B,) long: each row's last token (the next input)
+
+    @property
+    def length(self) -> int:
+        return int(self.mask.shape[1])
+
+
+def _pad_time(x: torch.Tensor, dim: int, size: int, left: bool, value: float = 0) -> torch.Tensor:
+    missing = size - x.shape[dim]
+    if missing <= 0:
+        return x
+    pad = [0, 0] * (x.dim() - dim - 1) + ([missing, 0] if left else [0, missing])
+    return torch.nn.functional.pad(x, pad, value=value)
+
+
+class BatchRunner:
+    """Owns the running groups; called on the engine thread only."""
+
+    def __init__(self, decoder: Decoder) -> None:
+        self.d = decoder
+        self.m = decoder.m
+        fam = self.m.family
+        if fam == "sed":
+            dec_type = getattr(self.m.model.config.decoder, "model_type", "")
+            self.position_aware = dec_type in POSITION_AWARE_DECODERS
+        else:
+            self.position_aware = fam == "whisper"
+        self.batchable = fam in ("whisper", "sed", "speech2text") and decoder.num_beams == 1
+        self.groups: list[_Group] = []
+        self._pad_id = int(self.m.eos_token_id)
+
+    @property
+    def running(self) -> int:
+        return sum(len(g.jobs) for g in self.groups)
+
+    # -- admission ----------------------------------------------------------------
+
+    def admit(self, jobs: list[Job]) -> list[tuple[Job, DecodeResult]]:
+        """Encode, prefill and choose the first token of new jobs; returns finished ones."""
+        if not jobs:
+            return []
+        buckets: dict[int, list[Job]] = {}
+        for job in jobs:
+            buckets.setdefault(self.d.bucket(len(job.req.audio)), []).append(job)
+        encoded: list[tuple[Job, EncodedWindow]] = []
+        for bucket_jobs in buckets.values():
+            windows = self.d.encode_batch([j.req.audio for j in bucket_jobs])
+            encoded += zip(bucket_jobs, windows, strict=True)
+        prefixes: list[tuple[Job, EncodedWindow, list[int]]] = []
+        for job, enc in encoded:
+            job.lang = job.req.lang
+            if self.m.family == "whisper" and job.lang is None and self.m.lang_to_id:
+                job.lang = self.d.detect_language(enc)
+            prefix = self.d.start_tokens(job.req.prompt, job.lang, job.req.task)
+            prefix += list(job.req.forced)
+            job.prefix_len = len(prefix)
+            prefixes.append((job, enc, prefix))
+        if self.position_aware:
+            batches = [prefixes]
+        else:
+            by_len: dict[int, list[tuple[Job, EncodedWindow, list[int]]]] = {}
+            for item in prefixes:
+                by_len.setdefault(len(item[2]), []).append(item)
+            batches = list(by_len.values())
+        done: list[tuple[Job, DecodeResult]] = []
+        for batch in batches:
+            group, logits = self._prefill(batch)
+            done += self._advance(group, logits, first=True)
+            if group.jobs:
+                self._merge(group)
+        return done
+
+    def _prefill(
+        self, batch: list[tuple[Job, EncodedWindow, list[int]]]
+    ) -> tuple[_Group, torch.Tensor]:
+        dev = self.m.device
+        width = max(len(p) for _, _, p in batch)
+        ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long, device=dev)
+        mask = torch.zeros((len(batch), width), dtype=torch.long, device=dev)
+        for row, (_, _, prefix) in enumerate(batch):
+            ids[row, width - len(prefix) :] = torch.tensor(prefix, dtype=torch.long)
+            mask[row, width - len(prefix) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        enc, enc_mask = self._stack_encoder([e for _, e, _ in batch])
+        cache = self.d.new_cache()
+        logits = self._forward(ids, mask, positions, enc, enc_mask, cache)
+        group = _Group(
+            jobs=[job for job, _, _ in batch],
+            cache=cache,
+            mask=mask,
+            positions=mask.sum(-1),
+            enc=enc,
+            enc_mask=enc_mask,
+            last=ids[:, -1].clone(),
+        )
+        return group, logits
+
+    def _stack_encoder(self, encs: list[EncodedWindow]) -> tuple[torch.Tensor, torch.Tensor]:
+        frames = max(e.hidden.shape[1] for e in encs)
+        hidden = torch.cat([_pad_time(e.hidden, 1, frames, left=False) for e in encs])
+        masks = []
+        for e in encs:
+            row = (
+                e.mask.bool()
+                if e.mask is not None
+                else torch.ones((1, e.hidden.shape[1]), dtype=torch.bool, device=hidden.device)
+            )
+            masks.append(_pad_time(row, 1, frames, left=False, value=False))
+        return hidden, torch.cat(masks)
+
+    def _merge(self, new: _Group) -> None:
+        """Add ``new``'s rows to a compatible group (or keep it as a group of its own)."""
+        for group in self.groups:
+            if self.position_aware or group.length == new.length:
+                self.groups.remove(group)
+                self.groups.append(_concat(group, new))
+                return
+        self.groups.append(new)
+
+    # -- decoding ----------------------------------------------------------------------
+
+    def step(self) -> list[tuple[Job, DecodeResult]]:
+        """One token for every running row; returns the jobs that finished."""
+        done: list[tuple[Job, DecodeResult]] = []
+        for group in list(self.groups):
+            ones = torch.ones((len(group.jobs), 1), dtype=torch.long, device=self.m.device)
+            mask = torch.cat([group.mask, ones], dim=1)
+            logits = self._forward(
+                group.last[:, None],
+                mask,
+                group.positions[:, None],
+                group.enc,
+                group.enc_mask,
+                group.cache,
+            )
+            group.mask = mask
+            group.positions = group.positions + 1
+            done += self._advance(group, logits, first=False)
+        self.groups = [g for g in self.groups if g.jobs]
+        return done
+
+    def drop(self, jobs: Iterable[Job]) -> None:
+        """Remove rows (cancelled, or failed with their step)."""
+        gone = {id(j) for j in jobs}
+        for group in self.groups:
+            keep = [i for i, j in enumerate(group.jobs) if id(j) not in gone]
+            if len(keep) != len(group.jobs):
+                _select(group, keep)
+        self.groups = [g for g in self.groups if g.jobs]
+
+    def clear(self) -> list[Job]:
+        """Forget every running row (after a failed step); returns them."""
+        jobs = [j for g in self.groups for j in g.jobs]
+        self.groups = []
+        return jobs
+
+    def _advance(
+        self, group: _Group, logits: torch.Tensor, first: bool
+    ) -> list[tuple[Job, DecodeResult]]:
+        """Choose each row's next token; finished rows leave the group."""
+        d = self.d
+        if d._suppress.numel():
+            logits[:, d._suppress] = -float("inf")
+        if first and d._begin_suppress.numel():
+            logits[:, d._begin_suppress] = -float("inf")
+        chosen = torch.argmax(logits, dim=-1)
+        keep: list[int] = []
+        done: list[tuple[Job, DecodeResult]] = []
+        for row, (job, tok) in enumerate(zip(group.jobs, chosen.tolist(), strict=True)):
+            finished = tok == self.m.eos_token_id
+            if not finished:
+                job.tokens.append(int(tok))
+                cut = find_loop(job.tokens) if d.loop_guard else None
+                if cut is not None:
+                    del job.tokens[cut:]
+                    job.looped = finished = True
+                elif len(job.tokens) >= job.req.max_new_tokens:
+                    finished = True
+            if finished:
+                done.append((job, self.result(job)))
+            else:
+                keep.append(row)
+        group.last = chosen
+        if len(keep) != len(group.jobs):
+            _select(group, keep)
+        return done
+
+    def result(self, job: Job) -> DecodeResult:
+        pieces = self.d.pieces.pieces(list(job.req.forced), job.tokens)
+        return DecodeResult(
+            request_id=job.req.request_id,
+            tokens=tuple(job.tokens),
+            pieces=tuple(pieces),
+            looped=job.looped,
+            lang=job.lang,
+        )
+
+    # -- the decoder pass ----------------------------------------------------------------
+
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        enc: torch.Tensor,
+        enc_mask: torch.Tensor,
+        cache: Any,
+    ) -> torch.Tensor:
+        """Logits (B, V) of each row's last position, advancing ``cache``."""
+        fam = self.m.family
+        full = bool(enc_mask.all())
+        if fam == "whisper":
+            hidden = _whisper_decoder(self.m.model, ids, mask, positions, enc,
+                                      None if full else enc_mask, cache)  # fmt: skip
+            head = self.m.model.get_output_embeddings()
+            return head(hidden[:, -1, :]).float()  # type: ignore[no-any-return]
+        kw: dict[str, Any] = {}
+        if not full:
+            kw["encoder_attention_mask"] = enc_mask.long()
+        if fam == "sed":
+            if self.position_aware:
+                kw["position_ids"] = positions
+            out = self.m.model.decoder(
+                input_ids=ids,
+                attention_mask=mask,
+                encoder_hidden_states=enc,
+                past_key_values=cache,
+                use_cache=True,
+                **kw,
+            )
+            return out.logits[:, -1, :].float()  # type: ignore[no-any-return]
+        out = self.m.model.model.decoder(
+            input_ids=ids,
+            attention_mask=mask,
+            encoder_hidden_states=enc,
+            past_key_values=cache,
+            use_cache=True,
+            **kw,
+        )
+        head = self.m.model.get_output_embeddings()
+        return head(out.last_hidden_state[:, -1, :]).float()  # type: ignore[no-any-return]
+
+
+def _whisper_decoder(
+    model: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    enc: torch.Tensor,
+    enc_mask: torch.Tensor | None,
+    cache: Any,
+) -> torch.Tensor:
+    """``WhisperDecoder.forward`` plus a cross-attention mask over padded frames."""
+    from transformers.masking_utils import create_causal_mask
+
+    dec = model.model.decoder
+    embeds = dec.embed_tokens(ids)
+    past = cache.get_seq_length()
+    hidden = embeds + dec.embed_positions(ids, past_key_values_length=past, position_ids=positions)
+    causal = create_causal_mask(
+        config=dec.config,
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        past_key_values=cache,
+        position_ids=positions,
+    )
+    cross = None
+    if enc_mask is not None:
+        neg = torch.finfo(hidden.dtype).min
+        cross = torch.zeros(enc_mask.shape, dtype=hidden.dtype, device=hidden.device)
+        cross = cross.masked_fill(~enc_mask, neg)[:, None, None, :]
+    for layer in dec.layers:
+        hidden = layer(
+            hidden,
+            causal,
+            enc,
+            encoder_attention_mask=cross,
+            past_key_values=cache,
+            use_cache=True,
+        )
+    return dec.layer_norm(hidden)  # type: ignore[no-any-return]
+
+
+def _select(group: _Group, rows: list[int]) -> None:
+    """Keep ``rows`` of a group, then cut left padding that no row needs any more."""
+    jobs = [group.jobs[i] for i in rows]
+    group.jobs = jobs
+    if not jobs:
+        return
+    index = torch.tensor(rows, dtype=torch.long, device=group.mask.device)
+    group.cache.batch_select_indices(index)
+    group.mask = group.mask[index]
+    group.positions = group.positions[index]
+    group.enc = group.enc[index]
+    group.enc_mask = group.enc_mask[index]
+    group.last = group.last[index]
+    lead = int((group.mask.cumsum(-1) == 0).sum(-1).min())
+    if lead > 0:
+        group.mask = group.mask[:, lead:]
+        for layer in group.cache.self_attention_cache.layers:
+            layer.keys = layer.keys[:, :, lead:]
+            layer.values = layer.values[:, :, lead:]
+
+
+def _concat(a: _Group, b: _Group) -> _Group:
+    """One group holding the rows of both (caches padded to a common shape)."""
+    from transformers.cache_utils import EncoderDecoderCache
+
+    length = max(a.length, b.length)
+    frames = max(a.enc.shape[1], b.enc.shape[1])
+    layers = []
+    for la, lb, ca, cb in zip(
+        a.cache.self_attention_cache.layers,
+        b.cache.self_attention_cache.layers,
+        a.cache.cross_attention_cache.layers,
+        b.cache.cross_attention_cache.layers,
+        strict=True,
+    ):
+        layers.append(
+            (
+                torch.cat(
+                    [_pad_time(la.keys, 2, length, True), _pad_time(lb.keys, 2, length, True)]
+                ),
+                torch.cat(
+                    [_pad_time(la.values, 2, length, True), _pad_time(lb.values, 2, length, True)]
+                ),
+                torch.cat(
+                    [_pad_time(ca.keys, 2, frames, False), _pad_time(cb.keys, 2, frames, False)]
+                ),
+                torch.cat(
+                    [_pad_time(ca.values, 2, frames, False), _pad_time(cb.values, 2, frames, False)]
+                ),
+            )
+        )
+    cache = EncoderDecoderCache(layers)
+    for i in range(len(layers)):
+        cache.is_updated[i] = True
+    return _Group(
+        jobs=a.jobs + b.jobs,
+        cache=cache,
+        mask=torch.cat([_pad_time(a.mask, 1, length, True), _pad_time(b.mask, 1, length, True)]),
+        positions=torch.cat([a.positions, b.positions]),
+        enc=torch.cat([_pad_time(a.enc, 1, frames, False), _pad_time(b.enc, 1, frames, False)]),
+        enc_mask=torch.cat(
+            [
+                _pad_time(a.enc_mask, 1, frames, False, value=False),
+                _pad_time(b.enc_mask, 1, frames, False, value=False),
+            ]
+        ),
+        last=torch.cat([a.last, b.last]),
+    )
