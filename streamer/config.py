@@ -133,6 +133,36 @@ class WebSocketConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MqttConfig:
+    """MQTT output (README "MQTT"); off unless enabled."""
+
+    enabled: bool = _f(False)
+    host: str = _f("localhost", nonempty=True)
+    port: int = _f(1883, min=1, max=65535)
+    client_id: str = _f("")
+    username: str = _f("")
+    password: str = _f("")
+    password_file: str = _f("", path=True)
+    tls: bool = _f(False)
+    tls_ca: str = _f("", path=True)
+    tls_cert: str = _f("", path=True)
+    tls_key: str = _f("", path=True)
+    protocol: str = _f("auto", choices=("auto", "5", "3.1.1"))
+    prefix: str = _f("streamer", pattern=r"[^#+\s]+")
+    partials: bool = _f(True)
+    partial_qos: int = _f(0, min=0, max=2)
+    final_qos: int = _f(1, min=0, max=2)
+    partial_expiry_s: int = _f(5, min=0)
+    keepalive_s: int = _f(30, min=5)
+    reconnect_min_s: float = _f(0.5, gt=0.0)
+    reconnect_max_s: float = _f(30.0, gt=0.0)
+    outbox_size: int = _f(1000, min=1)
+    flush_timeout_s: float = _f(5.0, min=0.0)
+    hermes: bool = _f(False)
+    hermes_site_id: str = _f("")
+
+
+@dataclass(frozen=True, slots=True)
 class ConsoleConfig:
     """Human-readable captions on stdout."""
 
@@ -173,6 +203,7 @@ class Config:
     vad: VadConfig = field(default_factory=VadConfig)
     sources: tuple[SourceConfig, ...] = field(default_factory=lambda: (SourceConfig(),))
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     jsonl: JsonlConfig = field(default_factory=JsonlConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -569,6 +600,14 @@ def _validate(cfg: Config, locate: Callable[[str], _Origin | None]) -> None:
         raise error(
             "TLS needs both tls_cert and tls_key", "websocket.tls_cert", "websocket.tls_key"
         )
+    mq = cfg.mqtt
+    if (mq.password or mq.password_file) and not mq.username:
+        raise error("a password needs a username", "mqtt.username", "mqtt.password")
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        if getattr(mq, key) and not mq.tls:
+            raise error(f"{key} is set but tls = false", f"mqtt.{key}", "mqtt.tls")
+    if mq.reconnect_max_s < mq.reconnect_min_s:
+        raise error("reconnect_max_s is below reconnect_min_s", "mqtt.reconnect_max_s")
     seen: dict[str, int] = {}
     for index, source in enumerate(cfg.sources):
         key = f"sources[{index}]"

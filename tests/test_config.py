@@ -641,3 +641,31 @@ def test_validate_config_catches_constructed_configs():
     with pytest.raises(ConfigError, match="expected boolean") as info:
         validate_config(Config(sources=(SourceConfig(required=1),)))  # type: ignore[arg-type]
     assert info.value.key == "sources[0].required"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[mqtt]\npassword = "x"\n', "mqtt.username"),
+        ('[mqtt]\ntls_ca = "ca.pem"\n', "mqtt.tls_ca"),
+        ("[mqtt]\nreconnect_min_s = 5.0\nreconnect_max_s = 1.0\n", "mqtt.reconnect_max_s"),
+        ('[mqtt]\nprotocol = "4"\n', "mqtt.protocol"),
+        ("[mqtt]\nfinal_qos = 3\n", "mqtt.final_qos"),
+        ('[websocket]\ntls_cert = "c.pem"\n', "websocket.tls_cert"),
+        ('[websocket]\nclient_tasks = "transcribe,summarize"\n', "websocket.client_tasks"),
+        ('[websocket]\nallowed_origins = "evil"\n', "websocket.allowed_origins"),
+    ],
+)
+def test_mqtt_and_websocket_rules(tmp_path, text, key):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config([path])
+    assert err.value.key == key
+
+
+def test_list_keys_are_normalised(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[websocket]\nclient_languages = " fr, de ,,en"\n')
+    cfg = load_config([path])
+    assert cfg.websocket.client_languages == "fr,de,en"
