@@ -95,3 +95,46 @@ def check_wire_event(event: Any, extra_keys: frozenset[str] = frozenset()) -> di
 def wire_event() -> Callable[..., dict[str, Any]]:
     """The section 4 schema check, as a fixture (tests/ is not a package)."""
     return check_wire_event
+
+
+# -- MQTT: a real Mosquitto broker (streamer/testing/mosquitto.py) ------------------------
+
+
+def _require_mosquitto() -> None:
+    """Skip without a broker binary; in CI (``CI`` set, not false/0) fail instead."""
+    from streamer.testing.mosquitto import find_mosquitto
+
+    if find_mosquitto() is None:
+        reason = "mosquitto is not installed (apt-get install mosquitto)"
+        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+            pytest.fail(f"{reason}; CI must run the MQTT tests against a real broker")
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def mosquitto_factory(tmp_path: Path) -> Any:
+    """``make(users=..., tls=..., require_client_cert=...)`` -> a started Mosquitto.
+
+    Every broker made is stopped (by PID) at teardown.
+    """
+    _require_mosquitto()
+    from streamer.testing.mosquitto import Mosquitto
+
+    brokers: list[Mosquitto] = []
+
+    def make(**kwargs: Any) -> Mosquitto:
+        broker = Mosquitto(tmp_path / f"mosquitto-{len(brokers)}", **kwargs)
+        brokers.append(broker)
+        broker.start()
+        return broker
+
+    yield make
+    for broker in brokers:
+        broker.stop()
+
+
+@pytest.fixture
+def mosquitto(mosquitto_factory: Any) -> Any:
+    """A running broker on 127.0.0.1: ``port`` (anonymous), ``password_port``
+    (user/password in ``.users``) and ``tls_port`` (CA at ``.ca_path``)."""
+    return mosquitto_factory(users={"streamer": "correct horse battery"}, tls=True)
