@@ -1,12 +1,19 @@
 """The engine thread: the only thread that runs forward passes.
 
-Requests come from any thread through ``submit``; each stream has at most one
-request in flight (the session guarantees it), so the queue is bounded by the
-number of streams. Results go back through the callback given with the
-request, called on the engine thread (the async facade hops to the loop).
-A failure on one window (CUDA out of memory, a bad input) fails that window
-only; an error that leaves the device unusable stops the engine and is
-reported through ``fatal``.
+Requests come from any thread through ``submit``; results go back through the
+callback given with each request, called on the engine thread (the async
+facade hops to the loop). Every step, the pure :class:`Scheduler` decides which
+waiting windows to admit and which sequences decode, and the
+:class:`BatchRunner` executes that on the device: admitted windows are encoded
+and prefilled in batches, then every running sequence decodes one token in
+one batched pass. Models the runner cannot batch (beam search, unknown
+families) run each admitted window alone through ``Decoder.run``.
+
+Failures: CUDA out of memory fails that step's windows (their streams get an
+error result for that window and go on); ``max_consecutive_oom`` failed steps
+in a row, or any error that leaves the device unusable (a CUDA/accelerator
+error), stop the engine and are reported through ``fatal``/``on_fatal``. Other
+exceptions fail the step's windows and are logged with a traceback (a bug).
 """
 
 from __future__ import annotations
@@ -22,10 +29,13 @@ import torch
 
 from streamer.core.session import DecodeRequest, DecodeResult
 from streamer.engine.decoding import DecodeCancelled, Decoder
+from streamer.engine.runner import BatchRunner
+from streamer.engine.scheduler import Job, Scheduler, SchedulerLimits, StepPlan
 
 log = logging.getLogger(__name__)
 
 ResultCallback = Callable[[DecodeResult], None]
+IDLE_WAIT_S = 1.0  # the heartbeat still beats this often when there is no work
 
 
 @dataclass(slots=True)
@@ -34,11 +44,20 @@ class EngineStats:
     failed: int = 0
     busy_seconds: float = 0.0
     audio_seconds: float = 0.0
+    steps: int = 0
+    step_seconds: float = 0.0
+    max_step_seconds: float = 0.0
+    max_batch: int = 0
+    batch_rows: int = 0  # sum over steps of sequences decoded in the step
 
     @property
     def real_time_factor(self) -> float:
         """Compute seconds per second of audio decoded (lower is faster)."""
         return self.busy_seconds / self.audio_seconds if self.audio_seconds else 0.0
+
+    @property
+    def mean_batch(self) -> float:
+        return self.batch_rows / self.steps if self.steps else 0.0
 
 
 def _is_fatal(exc: BaseException) -> bool:
@@ -48,13 +67,38 @@ def _is_fatal(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
 
 
+class EngineFailure(RuntimeError):
+    """Why the engine stopped, in one line (a service log line, a systemd STATUS).
+
+    CUDA errors carry several lines of debugging advice; the original
+    exception is kept as ``__cause__``.
+    """
+
+    @classmethod
+    def from_error(cls, exc: BaseException, message: str = "") -> EngineFailure:
+        lines = str(exc).strip().splitlines()
+        detail = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        failure = cls(f"{message} ({detail})" if message else detail)
+        failure.__cause__ = exc
+        return failure
+
+
 class Engine:
-    def __init__(self, decoder: Decoder, *, max_consecutive_oom: int = 5) -> None:
+    def __init__(
+        self,
+        decoder: Decoder,
+        *,
+        max_consecutive_oom: int = 5,
+        limits: SchedulerLimits | None = None,
+    ) -> None:
         self.decoder = decoder
         self.sample_rate = decoder.m.sample_rate
-        self._queue: queue.SimpleQueue[tuple[DecodeRequest, ResultCallback] | None] = (
+        self.scheduler = Scheduler(limits)
+        self.runner = BatchRunner(decoder)
+        self._inbox: queue.SimpleQueue[tuple[DecodeRequest, ResultCallback] | None] = (
             queue.SimpleQueue()
         )
+        self._callbacks: dict[tuple[str, int], ResultCallback] = {}
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.stats = EngineStats()
         self.heartbeat = time.monotonic()
@@ -63,7 +107,10 @@ class Engine:
         self._max_oom = max_consecutive_oom
         self._oom_run = 0
         self._stopping = False
-        self._cancelled: set[tuple[str, int]] = set()  # superseded (stream, request id)
+        # Superseded (stream, request id) pairs, added from any thread so a window
+        # decoded alone can stop mid-decode; removed when that request ends.
+        self._cancelled: set[tuple[str, int]] = set()
+        self._lag: dict[str, float] = {}
         self.cancelled_requests = 0
 
     def start(self) -> None:
@@ -89,74 +136,162 @@ class Engine:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.fatal is None
 
+    def lag(self) -> dict[str, float]:
+        """Per stream: seconds its oldest unfinished request had waited at the last step."""
+        return dict(self._lag)
+
     def submit(self, req: DecodeRequest, callback: ResultCallback) -> None:
         if self.fatal is not None:
             raise RuntimeError(f"engine stopped: {self.fatal}")
         if req.supersedes is not None:
             self._cancelled.add((req.stream, req.supersedes))
-        self._queue.put((req, callback))
+        self._inbox.put((req, callback))
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Finish queued work, then end the thread; True when it ended in time."""
         self._stopping = True
-        self._queue.put(None)
+        self._inbox.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    # -- the thread ----------------------------------------------------------------
+
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        stopping = False
         while True:
-            try:
-                item = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                self.heartbeat = time.monotonic()
-                continue
-            self.heartbeat = time.monotonic()
-            if item is None:
-                return
-            req, callback = item
-            result = self._execute(req)
-            try:
-                callback(result)
-            except Exception:  # a sink-side bug must not kill the engine
-                log.exception("result callback failed for stream %s", req.stream)
             if self.fatal is not None:
                 self._fail_pending()
                 return
-
-    def _execute(self, req: DecodeRequest) -> DecodeResult:
-        t0 = time.monotonic()
-        key = (req.stream, req.request_id)
-        try:
-            result = self.decoder.run(req, lambda: key in self._cancelled)
-            self._oom_run = 0
-        except DecodeCancelled:
-            self.cancelled_requests += 1
-            return DecodeResult(req.request_id, (), (), error="cancelled")
-        except torch.OutOfMemoryError:
-            self._oom_run += 1
-            self.stats.failed += 1
-            log.error("out of memory decoding stream %s; window skipped", req.stream)
-            if self._oom_run >= self._max_oom:
-                self.fatal = RuntimeError(f"{self._oom_run} consecutive out-of-memory errors")
-                self._report_fatal()
-            return DecodeResult(req.request_id, (), (), error="out of memory")
-        except Exception as exc:
-            self.stats.failed += 1
-            if _is_fatal(exc):
-                self.fatal = exc
-                self._report_fatal()
-            else:
-                log.exception("decoding failed for stream %s", req.stream)
-            return DecodeResult(req.request_id, (), (), error=f"{type(exc).__name__}: {exc}")
-        finally:
-            self._cancelled.discard(key)
-            self.stats.busy_seconds += time.monotonic() - t0
+            if self.scheduler.idle:  # nothing to do: wait for work, beating
+                try:
+                    item = self._inbox.get(timeout=IDLE_WAIT_S)
+                except queue.Empty:
+                    self.heartbeat = time.monotonic()
+                    continue
+                stopping |= self._take(item, time.monotonic())
+            stopping |= self._drain_inbox()
             self.heartbeat = time.monotonic()
-        self.stats.requests += 1
-        self.stats.audio_seconds += len(req.audio) / self.sample_rate
-        return result
+            if self.scheduler.idle:
+                if stopping:
+                    return
+                continue
+            self._step()
+
+    def _take(self, item: tuple[DecodeRequest, ResultCallback] | None, now: float) -> bool:
+        """Hand one submitted request to the scheduler; True for the stop sentinel."""
+        if item is None:
+            return True
+        req, callback = item
+        self._callbacks[(req.stream, req.request_id)] = callback
+        self.scheduler.submit(req, now)
+        return False
+
+    def _drain_inbox(self) -> bool:
+        """Move every submitted request into the scheduler; True when stop was asked."""
+        stop = False
+        now = time.monotonic()
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return stop
+            stop |= self._take(item, now)
+
+    def _step(self) -> None:
+        t0 = time.monotonic()
+        plan = self.scheduler.plan()
+        for job in plan.cancelled:
+            self.cancelled_requests += 1
+            self._fail(job, "cancelled")
+        self.runner.drop(plan.cancelled)
+        for job in plan.admit:
+            self.stats.audio_seconds += len(job.req.audio) / self.sample_rate
+        rows = len(plan.decode) + len(plan.admit)
+        try:
+            if self.runner.batchable:
+                self._batched(plan)
+            else:
+                self._alone(plan)
+            self._oom_run = 0
+        except torch.OutOfMemoryError as exc:
+            self._fail_step(plan, "out of memory", exc)
+        except Exception as exc:
+            self._fail_step(plan, f"{type(exc).__name__}: {exc}", exc)
+        spent = time.monotonic() - t0
+        stats = self.stats
+        stats.busy_seconds += spent
+        stats.steps += 1
+        stats.step_seconds += spent
+        stats.max_step_seconds = max(stats.max_step_seconds, spent)
+        stats.max_batch = max(stats.max_batch, rows)
+        stats.batch_rows += rows
+        self._lag = self.scheduler.lag(time.monotonic())
+        self.heartbeat = time.monotonic()
+
+    def _batched(self, plan: StepPlan) -> None:
+        with torch.inference_mode():
+            done = self.runner.admit(list(plan.admit))
+            done += self.runner.step()
+        for job, result in done:
+            self.stats.requests += 1
+            self._answer(job, result)
+
+    def _alone(self, plan: StepPlan) -> None:
+        """Beam search / unbatchable models: each admitted window decoded on its own."""
+        for job in plan.admit:
+            try:
+                result = self.decoder.run(job.req, self._cancel_check(job))
+            except DecodeCancelled:
+                self.cancelled_requests += 1
+                result = DecodeResult(job.req.request_id, (), (), error="cancelled")
+            else:
+                self.stats.requests += 1
+            self._answer(job, result)
+
+    def _cancel_check(self, job: Job) -> Callable[[], bool]:
+        key = job.key
+        return lambda: job.cancelled or key in self._cancelled
+
+    def _fail_step(self, plan: StepPlan, error: str, exc: BaseException) -> None:
+        """The step raised: its windows fail (running rows too: their cache is suspect)."""
+        jobs = {id(j): j for j in (*plan.admit, *plan.decode, *self.runner.clear())}
+        oom = isinstance(exc, torch.OutOfMemoryError)
+        if oom:
+            self._oom_run += 1
+        for job in jobs.values():
+            if job.running:  # not answered earlier in this step
+                self.stats.failed += 1
+                if oom:
+                    log.error("out of memory decoding stream %s; window skipped", job.req.stream)
+                self._fail(job, error)
+        if oom and self._oom_run >= self._max_oom:
+            self.fatal = EngineFailure.from_error(
+                exc, f"{self._oom_run} consecutive out-of-memory errors"
+            )
+            self._report_fatal()
+        elif not oom and _is_fatal(exc):
+            self.fatal = EngineFailure.from_error(exc)
+            self._report_fatal()
+        elif not oom:
+            log.error("decoding failed for %d window(s)", len(jobs), exc_info=exc)
+        if oom and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _answer(self, job: Job, result: DecodeResult) -> None:
+        self.scheduler.finish(job)
+        key = job.key
+        self._cancelled.discard(key)
+        if job.req.supersedes is not None:
+            self._cancelled.discard((job.req.stream, job.req.supersedes))
+        callback = self._callbacks.pop(key, None)
+        if callback is None:
+            return
+        try:
+            callback(result)
+        except Exception:  # a sink-side bug must not kill the engine
+            log.exception("result callback failed for stream %s", job.req.stream)
 
     def _report_fatal(self) -> None:
         log.critical("engine stopped: %s", self.fatal)
@@ -164,11 +299,14 @@ class Engine:
             self.on_fatal(self.fatal)
 
     def _fail_pending(self) -> None:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None:
-                req, callback = item
-                callback(DecodeResult(req.request_id, (), (), error="engine stopped"))
+        """After a fatal error: every queued or running request gets an error result."""
+        self._drain_inbox()
+        for job in self.runner.clear():
+            self._fail(job, "engine stopped")
+        while not self.scheduler.idle:
+            plan = self.scheduler.plan()
+            for job in (*plan.cancelled, *plan.decode, *plan.admit):
+                self._fail(job, "engine stopped")
+
+    def _fail(self, job: Job, error: str) -> None:
+        self._answer(job, DecodeResult(job.req.request_id, (), (), error=error))

@@ -67,24 +67,100 @@ def test_superseded_request_is_abandoned(decoder):
         eng.stop()
 
 
+def raise_on_calls(decoder, monkeypatch, exc, calls):
+    """Make ``encode_batch`` raise ``exc`` on the given call numbers (1-based)."""
+    real = decoder.encode_batch
+    seen = []
+
+    def flaky(audios):
+        seen.append(len(audios))
+        if len(seen) in calls:
+            raise exc
+        return real(audios)
+
+    monkeypatch.setattr(decoder, "encode_batch", flaky)
+    return seen
+
+
 def test_out_of_memory_fails_one_window_and_the_engine_goes_on(decoder, monkeypatch):
     eng = Engine(decoder)
-    real_run = decoder.run
-    calls = []
-
-    def flaky(req, cancelled):
-        calls.append(req.request_id)
-        if req.request_id == 0:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_run(req, cancelled)
-
-    monkeypatch.setattr(decoder, "run", flaky)
-    results, done = collect(eng, [request(0), request(1)])
+    raise_on_calls(decoder, monkeypatch, torch.OutOfMemoryError("CUDA out of memory (sim)"), {1})
+    reqs = [dataclasses.replace(request(i), kind="final") for i in range(2)]
+    results, done = collect(eng, reqs)  # one stream: two steps (finals are never replaced)
     eng.start()
     try:
         assert done.wait(60)
         assert results[0].error == "out of memory"
-        assert results[1].error is None
-        assert eng.alive and eng.fatal is None
+        assert results[1].error is None and len(results[1].tokens) == 6
+        assert eng.alive and eng.fatal is None and eng.stats.failed == 1
+    finally:
+        eng.stop()
+
+
+def test_repeated_out_of_memory_is_fatal(decoder, monkeypatch):
+    eng = Engine(decoder, max_consecutive_oom=2)
+    raise_on_calls(decoder, monkeypatch, torch.OutOfMemoryError("CUDA out of memory"), {1, 2})
+    fatal = []
+    eng.on_fatal = fatal.append
+    results, done = collect(eng, [dataclasses.replace(request(i), kind="final") for i in range(3)])
+    eng.start()
+    try:
+        assert done.wait(60)
+        assert [results[i].error for i in range(3)] == [
+            "out of memory",
+            "out of memory",
+            "engine stopped",
+        ]
+        assert not eng.alive and "2 consecutive out-of-memory errors" in str(eng.fatal)
+        assert fatal == [eng.fatal]
+        with pytest.raises(RuntimeError, match="engine stopped"):
+            eng.submit(request(3), lambda r: None)
+    finally:
+        eng.stop()
+
+
+def test_accelerator_error_is_fatal_at_once(decoder, monkeypatch):
+    eng = Engine(decoder)
+    raise_on_calls(
+        decoder, monkeypatch, RuntimeError("CUDA error: an illegal memory access\nmore"), {1}
+    )
+    results, done = collect(eng, [request(0), request(1, stream="t")])
+    eng.start()
+    try:
+        assert done.wait(60)
+        assert {r.error for r in results.values()} == {
+            "RuntimeError: CUDA error: an illegal memory access\nmore"
+        }
+        assert not eng.alive
+        assert str(eng.fatal) == "RuntimeError: CUDA error: an illegal memory access"
+    finally:
+        eng.stop()
+
+
+def test_a_newer_partial_replaces_a_waiting_one(decoder):
+    eng = Engine(decoder)
+    reqs = [request(0), request(1), request(2)]  # one stream, queued before the first step
+    results, done = collect(eng, reqs)
+    eng.start()
+    try:
+        assert done.wait(60)
+        # 1 replaced 0 while both waited, then 2 replaced 1: only the newest runs
+        assert [results[i].error for i in range(3)] == ["cancelled", "cancelled", None]
+        assert eng.cancelled_requests == 2
+    finally:
+        eng.stop()
+
+
+def test_streams_are_batched_and_equal_to_alone(decoder):
+    reqs = [request(i, stream=f"s{i}", n=4 + i) for i in range(5)]
+    alone = {r.request_id: decoder.run(r).tokens for r in reqs}
+    eng = Engine(decoder)
+    results, done = collect(eng, reqs)  # all queued before the first step
+    eng.start()
+    try:
+        assert done.wait(60)
+        assert {rid: r.tokens for rid, r in results.items()} == alone
+        assert eng.stats.max_batch == 5 and eng.stats.steps < sum(4 + i for i in range(5))
+        assert eng.lag() == {}  # nothing unfinished at the last step
     finally:
         eng.stop()
