@@ -265,8 +265,17 @@ class BatchRunner:
         fam = self.m.family
         full = bool(enc_mask.all())
         if fam == "whisper":
-            hidden = _whisper_decoder(self.m.model, ids, mask, positions, enc,
-                                      None if full else enc_mask, cache)  # fmt: skip
+            if full:  # every row has all its frames: the stock decoder will do
+                hidden = self.m.model.model.decoder(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    encoder_hidden_states=enc,
+                    past_key_values=cache,
+                    use_cache=True,
+                ).last_hidden_state
+            else:
+                hidden = _whisper_decoder(self.m.model, ids, mask, positions, enc, enc_mask, cache)
             head = self.m.model.get_output_embeddings()
             return head(hidden[:, -1, :]).float()  # type: ignore[no-any-return]
         kw: dict[str, Any] = {}
@@ -302,7 +311,7 @@ def _whisper_decoder(
     mask: torch.Tensor,
     positions: torch.Tensor,
     enc: torch.Tensor,
-    enc_mask: torch.Tensor | None,
+    enc_mask: torch.Tensor,
     cache: Any,
 ) -> torch.Tensor:
     """``WhisperDecoder.forward`` plus a cross-attention mask over padded frames."""
@@ -319,11 +328,9 @@ def _whisper_decoder(
         past_key_values=cache,
         position_ids=positions,
     )
-    cross = None
-    if enc_mask is not None:
-        neg = torch.finfo(hidden.dtype).min
-        cross = torch.zeros(enc_mask.shape, dtype=hidden.dtype, device=hidden.device)
-        cross = cross.masked_fill(~enc_mask, neg)[:, None, None, :]
+    neg = torch.finfo(hidden.dtype).min
+    cross = torch.zeros(enc_mask.shape, dtype=hidden.dtype, device=hidden.device)
+    cross = cross.masked_fill(~enc_mask, neg)[:, None, None, :]
     for layer in dec.layers:
         hidden = layer(
             hidden,
