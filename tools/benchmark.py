@@ -1,0 +1,333 @@
+"""Many streams on one device: the batching engine against the naive loop users write.
+
+For each N in ``--streams``, N streams of real speech are fed in real time
+through the daemon's own pipeline (``App`` with N paced file sources: VAD,
+sessions, the batching engine). It reports real-time factor, partial and final
+latency p50/p95/p99 (the events' ``latency_ms``), engine step time and batch
+size, the worst per-stream lag, and the device's peak memory.
+
+The naive baseline is what users write today: every ``chunk`` of new audio,
+re-run ``model.generate`` on each stream's growing buffer (reset at
+``max_segment_s``), one stream after the other, same model and device. It runs
+as fast as it can against a simulated clock: chunk k of every stream arrives
+at k × chunk, a generate call starts when both its audio has arrived and the
+previous call has finished, and its latency is finish − arrival of the newest
+audio it covers (measured compute times; no sleeping).
+
+A configuration is "sustained" when its p95 final latency (naive: p95 update
+latency) is at most ``--max-p95`` seconds (default 1.0, the issue's target);
+the report gives the largest sustained N of each and their ratio, ours /
+naive, from the same run. Results are written as JSON.
+
+    .venv/bin/python tools/benchmark.py --model builtin:whisper-base --streams 1,2,4 \
+        --seconds 40 --out results/benchmark-whisper-cpu.json
+    .venv/bin/python tools/benchmark.py --model sed-base-random --streams 1,2 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the `tools` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLIPS = REPO_ROOT / "tests" / "data" / "audio"
+RATE = 16000
+log = logging.getLogger("benchmark")
+
+
+def summarize(values: list[float]) -> dict[str, Any]:
+    """n, mean, p50, p95, p99 and max (seconds, 3 decimals); None figures when empty."""
+    arr = np.asarray(values, dtype=np.float64)
+    if not arr.size:
+        return {"n": 0, "mean": None, "p50": None, "p95": None, "p99": None, "max": None}
+    pct = {f"p{q}": round(float(np.percentile(arr, q)), 3) for q in (50, 95, 99)}
+    return {"n": int(arr.size), "mean": round(float(arr.mean()), 3), **pct,
+            "max": round(float(arr.max()), 3)}  # fmt: skip
+
+
+def speech(seconds: float, offset: int) -> np.ndarray:
+    """``seconds`` of the test clips joined with short pauses, rotated by ``offset`` clips."""
+    from streamer.audio.resample import load_audio
+
+    names = sorted(p for p in CLIPS.iterdir() if p.suffix in (".ogg", ".flac", ".wav", ".mp3"))
+    clips = [load_audio(p, RATE) for p in names]
+    clips = clips[offset % len(clips) :] + clips[: offset % len(clips)]
+    pause = np.zeros(int(0.8 * RATE), dtype=np.float32)
+    out: list[np.ndarray] = []
+    total = 0
+    while total < seconds * RATE:
+        for clip in clips:
+            out += [clip, pause]
+            total += len(clip) + len(pause)
+    return np.concatenate(out)[: int(seconds * RATE)]
+
+
+def stream_files(n: int, seconds: float, folder: Path) -> list[Path]:
+    import soundfile as sf
+
+    paths = []
+    for i in range(n):
+        path = folder / f"s{i}.wav"
+        if not path.exists():
+            sf.write(path, speech(seconds, i), RATE, subtype="PCM_16")
+        paths.append(path)
+    return paths
+
+
+def resolve_model(name: str, cache: Path) -> str:
+    """``sed-base-random`` builds the random base-size SED once; anything else is a model id."""
+    if name != "sed-base-random":
+        return name
+    from streamer.testing.tiny_models import make_sed_base_random
+
+    path = cache / "sed-base-random"
+    if not (path / "config.json").exists():
+        make_sed_base_random(path)
+    return str(path)
+
+
+# -- ours -------------------------------------------------------------------------------
+
+
+async def run_ours(cfg: Any, seconds: float) -> dict[str, Any]:
+    from streamer.service.app import App
+
+    n_streams = len(cfg.sources)
+    app = App(cfg, keep_serving=False)
+    sub = app.fanout.subscribe(name="benchmark")
+    events: list[Any] = []
+
+    async def collect() -> None:
+        async for event in sub:
+            events.append(event)
+
+    collector = asyncio.create_task(collect())
+    lags: list[float] = []
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            engine = app.engine
+            if engine is not None and hasattr(engine, "lag"):
+                lag = engine.lag()
+                if lag:
+                    lags.append(max(lag.values()))
+
+    watcher = asyncio.create_task(watch())
+    t0 = time.monotonic()
+    code = await app.run()
+    wall = time.monotonic() - t0
+    watcher.cancel()
+    sub.close("done")
+    await collector
+    engine = app.engine
+    assert engine is not None
+    stats = engine.stats
+    finals = [e.latency_ms / 1000 for e in events if e.kind == "final" and e.latency_ms is not None]
+    partials = [
+        e.latency_ms / 1000 for e in events if e.kind == "partial" and e.latency_ms is not None
+    ]
+    out: dict[str, Any] = {
+        "exit_code": code,
+        "wall_s": round(wall, 2),
+        "audio_s": round(stats.audio_seconds, 2),
+        "real_time_factor": round(stats.real_time_factor, 4),
+        # compute per second of stream audio (windows overlap, so this is the capacity figure)
+        "compute_per_stream_second": round(stats.busy_seconds / (n_streams * seconds), 4),
+        "final_latency_s": summarize(finals),
+        "partial_latency_s": summarize(partials),
+        "finals": len(finals),
+        "partials": len(partials),
+        "max_lag_s": round(max(lags, default=0.0), 3),
+        "failed_windows": stats.failed,
+    }
+    for key in ("steps", "step_seconds", "max_step_seconds", "max_batch", "mean_batch"):
+        if hasattr(stats, key):
+            out[key] = getattr(stats, key)
+    if getattr(stats, "steps", 0):
+        out["mean_step_ms"] = round(1000 * stats.step_seconds / stats.steps, 2)
+    return out
+
+
+def ours_config(
+    base: Any, model: str, device: str, dtype: str, files: list[Path], language: str
+) -> Any:
+    """The daemon's config: ``base`` (defaults + --set) with N paced file sources."""
+    from streamer.config import SourceConfig
+
+    return dataclasses.replace(
+        base,
+        model=dataclasses.replace(
+            base.model,
+            id=model,
+            device=device,
+            dtype=dtype,
+            source_language=language,
+            target_language=language if language == "en" else "en",
+        ),
+        sources=tuple(
+            SourceConfig(type="file", stream=f"s{i}", path=str(p), pace="realtime")
+            for i, p in enumerate(files)
+        ),
+        websocket=dataclasses.replace(base.websocket, enabled=False),
+        console=dataclasses.replace(base.console, enabled=False),
+    )
+
+
+# -- naive ------------------------------------------------------------------------------
+
+
+def run_naive(
+    model: str, device: str, dtype: str, files: list[Path], chunk_s: float, max_segment_s: float
+) -> dict[str, Any]:
+    """The generate-on-the-growing-buffer loop, timed against a simulated clock."""
+    import torch
+
+    from streamer.audio.resample import load_audio
+    from streamer.engine.loader import ModelSpec, load_model
+
+    loaded = load_model(ModelSpec(id=model, device=device, dtype=dtype, source_language="en",
+                                  target_language="en"))  # fmt: skip
+    audios = [load_audio(p, RATE) for p in files]
+    chunk = int(chunk_s * RATE)
+    seg = int(max_segment_s * RATE)
+    fe = loaded.feature_extractor
+    m = loaded.model
+    gen_kwargs: dict[str, Any] = {"max_new_tokens": 64}
+    if loaded.family == "whisper":
+        gen_kwargs.update(language="en", task="transcribe")
+    clock = 0.0
+    latencies: list[float] = []
+    compute: list[float] = []
+    chunks = min(len(a) for a in audios) // chunk
+    for k in range(1, chunks + 1):
+        arrival = k * chunk_s
+        for audio in audios:
+            end = k * chunk
+            start = ((end - 1) // seg) * seg  # the buffer resets every max_segment_s
+            buffer = audio[start:end]
+            clock = max(clock, arrival)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                feats = fe(buffer, sampling_rate=RATE, return_tensors="pt")
+                name = m.get_encoder().main_input_name
+                inputs = feats[name].to(loaded.device, dtype=loaded.dtype)
+                m.generate(inputs, **gen_kwargs)
+            spent = time.perf_counter() - t0
+            compute.append(spent)
+            clock += spent
+            latencies.append(clock - arrival)
+    return {
+        "update_latency_s": summarize(latencies),
+        "generate_s": summarize(compute),
+        "real_time_factor": round(sum(compute) / (chunks * chunk_s * len(audios)), 4),
+        "updates": len(latencies),
+    }
+
+
+# -- the report ---------------------------------------------------------------------------
+
+
+def largest(results: dict[str, dict[str, Any]], key: str, limit: float) -> int:
+    best = 0
+    for n, res in results.items():
+        p95 = res.get(key, {}).get("p95")
+        if p95 is not None and p95 <= limit:
+            best = max(best, int(n))
+    return best
+
+
+def device_memory(device: str) -> dict[str, Any]:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return {"max_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+    return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="builtin:whisper-base")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--language", default="en")
+    parser.add_argument("--streams", default="1,2,4")
+    parser.add_argument("--seconds", type=float, default=40.0, help="audio per stream")
+    parser.add_argument("--max-p95", type=float, default=1.0)
+    parser.add_argument("--naive", default="", help="stream counts for the naive loop")
+    parser.add_argument("--chunk-s", type=float, default=1.0)
+    parser.add_argument("--set", action="append", default=[], help="config override k=v")
+    parser.add_argument("--out", default="results/benchmark.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+    from streamer.config import load_config
+    from streamer.engine.ct2_whisper import default_cache_dir
+
+    cache = default_cache_dir()
+    model = resolve_model(args.model, cache)
+    counts = [int(n) for n in args.streams.split(",") if n]
+    naive_counts = [int(n) for n in (args.naive or args.streams).split(",") if n]
+    report: dict[str, Any] = {
+        "model": args.model,
+        "device": args.device,
+        "dtype": args.dtype,
+        "seconds_per_stream": args.seconds,
+        "max_p95_s": args.max_p95,
+        "machine": {"platform": platform.platform(), "processor": platform.processor()},
+        "ours": {},
+        "naive": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for n in counts:
+            files = stream_files(n, args.seconds, folder)
+            base = load_config([], args.set)
+            cfg = ours_config(base, model, args.device, args.dtype, files, args.language)
+            res = asyncio.run(run_ours(cfg, args.seconds))
+            res.update(device_memory(args.device))
+            report["ours"][str(n)] = res
+            print(f"ours  N={n}: final p95 {res['final_latency_s'].get('p95')} s, "
+                  f"RTF {res['real_time_factor']}", flush=True)  # fmt: skip
+        for n in naive_counts:
+            files = stream_files(n, args.seconds, folder)
+            res = run_naive(model, args.device, args.dtype, files, args.chunk_s, 15.0)
+            report["naive"][str(n)] = res
+            print(f"naive N={n}: update p95 {res['update_latency_s'].get('p95')} s", flush=True)
+    ours_n = largest(report["ours"], "final_latency_s", args.max_p95)
+    naive_n = largest(report["naive"], "update_latency_s", args.max_p95)
+    report["sustained"] = {
+        "ours": ours_n,
+        "naive": naive_n,
+        "ratio": round(ours_n / naive_n, 2) if naive_n else None,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["sustained"]), f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "run_naive", "run_ours", "speech"]
