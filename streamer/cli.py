@@ -16,19 +16,9 @@ from pathlib import Path
 from streamer import __version__
 from streamer.config import Config, dump_toml, load_config
 from streamer.errors import ConfigError, StreamerError
+from streamer.service.logs import configure_logging, report_error
 
 log = logging.getLogger("streamer")
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    for noisy in ("httpx", "urllib3", "websockets.server", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -44,7 +34,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    _setup_logging(args.log_level or cfg.logging.level)
+    configure_logging(cfg.logging, level_override=args.log_level)
     from streamer.service.app import App
 
     app = App(cfg, keep_serving=True if args.keep_serving else None)
@@ -53,7 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    _setup_logging(args.log_level or "warning")
+    configure_logging(cfg.logging, level_override=args.log_level or "warning")
     from streamer.service.transcribe import atomic_text_file, transcribe_files
 
     files = [Path(f) for f in args.files]
@@ -142,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except StreamerError as exc:
-        print(f"streamer: error: {exc}", file=sys.stderr)
+        report_error(str(exc), exit_code=exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

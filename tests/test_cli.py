@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes.util
 import dataclasses
 import json
+import os
 import re
 import socket
 import subprocess
@@ -388,3 +389,57 @@ def test_srt_for_several_files_goes_to_one_file_each(
         cues = (tmp_path / f"{stem}.srt").read_text().strip().split("\n\n")
         assert cues[0].startswith("1\n00:00:")
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+# ---------------------------------------------------------------- logging
+
+
+def test_error_line_under_systemd_carries_the_error_priority(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """stderr is the journal stream: the one error line gets ``<3>`` for journald."""
+    path = tmp_path / "stderr"
+    with open(path, "w") as err:
+        st = os.fstat(err.fileno())
+        env = cli_env | {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "streamer", "check-config", "--set", "model.idd=1"],
+            stderr=err,
+            stdout=subprocess.PIPE,
+            env=env,
+            timeout=CLI_TIMEOUT,
+            check=False,
+        )
+    assert proc.returncode == EX_CONFIG
+    text = path.read_text()
+    assert (
+        text.startswith("<3>streamer: error: --set: model.idd: unknown key")
+        and text.count("\n") == 1
+    ), text
+    # The same variable with stderr on a pipe (a child of the service): the plain line.
+    proc = run_cli("check-config", "--set", "model.idd=1", env=env)
+    assert only_line(proc.stderr).startswith("streamer: error: --set: model.idd")
+
+
+def test_serve_with_json_logs_writes_only_json_lines(cli_env: dict[str, str]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_cli(
+            "serve",
+            "--set",
+            f"websocket.port={port}",
+            "--set",
+            'logging.format="json"',
+            "--log-level",
+            "debug",
+            env=cli_env,
+        )
+    assert proc.returncode != 0
+    lines = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert all({"ts", "level", "logger", "message"} <= set(obj) for obj in lines), lines
+    last = lines[-1]
+    assert last["level"] == "error" and last["exit_code"] == proc.returncode
+    assert f"cannot listen on 127.0.0.1:{port}" in last["message"]
+    assert "Traceback" not in proc.stderr

@@ -226,7 +226,11 @@ async def test_client_text_ignored_binary_refused(make_server: Factory) -> None:
         assert json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))["seq"] == 0
         await ws.send(b"\x00\x01")
         assert await read_until_closed(ws) == [
-            {"type": "error", "code": 1003, "message": "captions endpoint accepts no binary messages"}
+            {
+                "type": "error",
+                "code": 1003,
+                "message": "captions endpoint accepts no binary messages",
+            }
         ]
         assert ws.close_code == 1003
     await until(lambda: fan.subscribers == 0)
