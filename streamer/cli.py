@@ -37,7 +37,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(cfg.logging, level_override=args.log_level)
     from streamer.service.app import App
 
-    app = App(cfg, keep_serving=True if args.keep_serving else None)
+    app = App(
+        cfg, keep_serving=True if args.keep_serving else None, reload_config=lambda: _config(args)
+    )
     return asyncio.run(app.run())
 
 

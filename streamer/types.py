@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float32]
-EventKind = Literal["partial", "final"]
+EventKind = Literal["partial", "final", "source_lost", "source_restored"]
 WIRE_VERSION = 1
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a fresh Debian/Ubuntu machine for streamer:
 # Debian packages (PortAudio for microphones; with --test also what the test
-# suite drives: Mosquitto, espeak-ng, Chromium and its WebDriver), a virtual
+# suite drives: Mosquitto, espeak-ng, Chromium and its WebDriver, systemd-analyze), a virtual
 # environment in .venv, and the package with its dev extras.
 # Re-running is cheap: apt is skipped when the packages are there and pip
 # is skipped while pyproject.toml is unchanged.
@@ -11,7 +11,7 @@ cd "$root"
 
 DEB_PACKAGES=(libportaudio2)
 if [[ "${1:-}" == "--test" ]]; then
-  DEB_PACKAGES+=(mosquitto espeak-ng chromium chromium-driver)
+  DEB_PACKAGES+=(mosquitto espeak-ng chromium chromium-driver systemd)
 fi
 
 need=()

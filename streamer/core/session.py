@@ -64,6 +64,9 @@ class SessionSettings:
         return max(1, cap - forced)
 
 
+SourceEventKind = Literal["source_lost", "source_restored"]
+
+
 @dataclass(frozen=True, slots=True)
 class DecodeRequest:
     """Decode ``audio`` (samples ``[start, end)``) after ``prompt`` + ``forced`` tokens."""
@@ -170,6 +173,27 @@ class StreamSession:
         if self._open is not None:
             self._cut_open(self.frontier)
             self._schedule()
+
+    def receive_source_state(self, kind: SourceEventKind, detail: str) -> None:
+        """The capture source went away or came back: tell the subscribers.
+
+        A loss also closes the open segment (its final follows once decoded);
+        the event carries the stream position and the next ``seq``.
+        """
+        if kind == "source_lost":
+            self.request_final()
+        at = self.buffer.end / self.s.sample_rate
+        self._events.append(
+            Hypothesis(
+                kind=kind,
+                stream=self.stream,
+                segment=self._next_segment,
+                seq=self._next_seq(),
+                text=detail,
+                start=at,
+                end=at,
+            )
+        )
 
     def receive_result(self, result: DecodeResult) -> None:
         if result.request_id not in self._in_flight:

@@ -18,6 +18,7 @@ import os
 import signal
 import ssl
 import sys
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from streamer.config import (
     Config,
     SourceConfig,
     WebSocketConfig,
+    config_to_dict,
     resolve_audio_path,
     split_items,
 )
@@ -38,12 +40,15 @@ from streamer.core.session import SessionSettings, StreamSession
 from streamer.core.wire import IngestPolicy
 from streamer.errors import ConfigError, StreamerError
 from streamer.service.ingest import IngestLimits, IngestService
+from streamer.service.logs import register_secret, reload_logging
 from streamer.service.metrics import Metrics
 from streamer.service.streams import StreamRunner
+from streamer.service.systemd import SystemdService
 from streamer.sinks.caption_page import add_page_routes
 from streamer.sinks.console import ConsoleSink
 from streamer.sinks.fanout import Fanout, Subscription
 from streamer.sinks.jsonl import JsonlSink
+from streamer.sinks.mqtt import MqttSettings, MqttSink, resolve_password
 from streamer.sinks.websocket import AccessPolicy, CaptionServer, http_response
 from streamer.types import Hypothesis
 
@@ -189,8 +194,13 @@ class StreamFactory:
             self._ended.popitem(last=False)
 
 
-def open_source(src: SourceConfig, sample_rate: int) -> Any:
-    """The async block iterator for one configured source."""
+def open_source(
+    src: SourceConfig, sample_rate: int, on_state: Callable[[str, str], None] | None = None
+) -> Any:
+    """The async block iterator for one configured source.
+
+    ``on_state`` hears a microphone's "lost"/"restored" changes (on the loop).
+    """
     if src.type == "file":
         from streamer.audio.sources import FileSource
 
@@ -207,6 +217,8 @@ def open_source(src: SourceConfig, sample_rate: int) -> Any:
         block_ms=src.block_ms,
         channels=src.channels,
         device_rate=src.sample_rate or None,
+        required=src.required,
+        on_state=on_state,
     )
 
 
@@ -220,6 +232,18 @@ def probe_file_sources(cfg: Config) -> None:
 
 
 TOKEN_ENV = "STREAMER_WS_TOKEN"
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """``section.key`` names whose values differ (``sources`` as a whole)."""
+    a, b = config_to_dict(old), config_to_dict(new)
+    out: list[str] = []
+    for section, values in b.items():
+        if isinstance(values, dict):
+            out += [f"{section}.{k}" for k, v in values.items() if a[section].get(k) != v]
+        elif a[section] != values:
+            out.append(section)
+    return out
 
 
 def load_ws_token(path: str) -> str | None:
@@ -271,19 +295,29 @@ def ingest_policy(ws: WebSocketConfig, client: EngineClient) -> IngestPolicy:
 class App:
     """The daemon: one instance per process."""
 
-    def __init__(self, cfg: Config, *, keep_serving: bool | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        keep_serving: bool | None = None,
+        reload_config: Callable[[], Config] | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.reload_config = reload_config  # SIGHUP re-reads the files through it
+        self._sinks: list[ConsoleSink | JsonlSink | MqttSink] = []
         self.keep_serving = cfg.service.keep_serving if keep_serving is None else keep_serving
         self.fanout = Fanout()
         self.engine: Engine | None = None
         self.server: CaptionServer | None = None
         self.ingest: IngestService | None = None
+        self.mqtt: MqttSink | None = None
         self.factory: StreamFactory | None = None
         self.metrics = Metrics(
             fanout=self.fanout,
             streams=lambda: self.factory.counts() if self.factory else {},
             subscribers=lambda: self.server.subscribers if self.server else 0,
         )
+        self.systemd = SystemdService()  # sd_notify: READY, STATUS, WATCHDOG, STOPPING
         self._stop = asyncio.Event()
         self._sink_tasks: list[asyncio.Task[None]] = []
         self._sink_subs: list[Subscription] = []
@@ -310,25 +344,111 @@ class App:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+        if self.reload_config is not None:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    def reload(self) -> list[str]:
+        """SIGHUP: apply what can change without a restart; name what cannot.
+
+        Applied: ``[logging]`` and the console's ``partials``. Every other
+        changed key is named in one warning (it needs a restart). Returns the
+        changed keys. A configuration that no longer loads is reported and ignored.
+        """
+        if self.reload_config is None:
+            return []
+        self.systemd.notifier.reloading()
+        try:
+            new = self.reload_config()
+        except StreamerError as exc:
+            log.error("reload: configuration not applied: %s", exc)
+            return []
+        finally:
+            self.systemd.notifier.ready()
+        changed = changed_keys(self.cfg, new)
+        applied = [k for k in changed if k.startswith("logging.") or k == "console.partials"]
+        if any(k.startswith("logging.") for k in applied):
+            reload_logging(new.logging)
+        for sink in self._sinks:
+            if isinstance(sink, ConsoleSink):
+                sink.partials = new.console.partials
+        console = dataclasses.replace(self.cfg.console, partials=new.console.partials)
+        self.cfg = dataclasses.replace(self.cfg, logging=new.logging, console=console)
+        restart = [k for k in changed if k not in applied]
+        if applied:
+            log.info("reload: applied %s", ", ".join(applied))
+        if restart:
+            log.warning("reload: not applied, restart to change: %s", ", ".join(restart))
+        if not changed:
+            log.info("reload: configuration unchanged")
+        return changed
 
     def _start_sinks(self) -> None:
-        sinks: list[ConsoleSink | JsonlSink] = []
+        sinks = self._sinks
         if self.cfg.console.enabled:
             sinks.append(ConsoleSink(sys.stdout, partials=self.cfg.console.partials))
         if self.cfg.jsonl.path:
             sinks.append(JsonlSink(self.cfg.jsonl.path))
+        if self.mqtt is not None:
+            sinks.append(self.mqtt)
         for sink in sinks:
             name = type(sink).__name__.removesuffix("Sink").lower()
             sub = self.fanout.subscribe(kinds=sink.kinds, name=name)
             self._sink_subs.append(sub)
             self._sink_tasks.append(asyncio.create_task(sink.run(sub), name=f"sink-{name}"))
 
+    def _make_mqtt(self) -> None:
+        """Build the MQTT sink (config errors surface before the model loads)."""
+        c = self.cfg.mqtt
+        if not c.enabled:
+            return
+        password = resolve_password(c.password, c.password_file)
+        register_secret(password)
+        optional: dict[str, Any] = {"client_id": c.client_id} if c.client_id else {}
+        settings = MqttSettings(
+            host=c.host,
+            port=c.port,
+            **optional,
+            username=c.username or None,
+            password=password,
+            tls=c.tls,
+            tls_ca=c.tls_ca,
+            tls_cert=c.tls_cert,
+            tls_key=c.tls_key,
+            protocol=c.protocol,
+            prefix=c.prefix,
+            partials=c.partials,
+            partial_qos=c.partial_qos,
+            final_qos=c.final_qos,
+            partial_expiry_s=c.partial_expiry_s,
+            keepalive_s=c.keepalive_s,
+            reconnect_min_s=c.reconnect_min_s,
+            reconnect_max_s=c.reconnect_max_s,
+            outbox_size=c.outbox_size,
+            flush_timeout_s=c.flush_timeout_s,
+            hermes=c.hermes,
+            hermes_site_id=c.hermes_site_id,
+        )
+        sink = self.mqtt = MqttSink(settings)
+        m = self.metrics
+        m.add_gauge("streamer_mqtt_connected", "1 while connected to the broker",
+                    lambda: float(sink.connected))  # fmt: skip
+        m.add_gauge("streamer_mqtt_outbox", "finals waiting for the broker",
+                    lambda: float(sink.outbox_len))  # fmt: skip
+        m.add_counter("streamer_mqtt_dropped", "events the MQTT sink dropped, by type",
+                      lambda: {("partial",): sink.dropped_partials,
+                               ("final",): sink.dropped_finals}, labels=("type",))  # fmt: skip
+        m.add_counter("streamer_mqtt_reconnects", "reconnections to the broker",
+                      lambda: float(sink.reconnects))  # fmt: skip
+
     async def run(self) -> int:
         self._install_signals()
+        self._make_mqtt()
         await self._start_server()
         try:
-            await asyncio.to_thread(probe_file_sources, self.cfg)
-            self.engine = await asyncio.to_thread(start_engine, self.cfg)
+            async with self.systemd.loading():  # extends systemd's start timeout meanwhile
+                await asyncio.to_thread(probe_file_sources, self.cfg)
+                self.engine = await asyncio.to_thread(start_engine, self.cfg)
         except StreamerError:
             await self._close_server()
             raise
@@ -350,14 +470,29 @@ class App:
                 await self._stop_engine()
                 await self._close_server()
                 raise
-        source_tasks: list[asyncio.Task[None]] = []
+        opened: list[tuple[StreamRunner, Any]] = []
         for src in self.cfg.sources:
             runner = factory.create(src.stream)
-            source = open_source(src, client.sample_rate)
-            source_tasks.append(
-                asyncio.create_task(runner.run(source.blocks()), name=f"source-{src.stream}")
-            )
+            source = open_source(src, client.sample_rate, runner.source_state)
+            if hasattr(source, "open"):  # a required microphone fails now, before READY
+                try:
+                    await source.open()
+                except StreamerError:
+                    await self._shutdown([], factory)
+                    raise
+            opened.append((runner, source))
+        source_tasks = [
+            asyncio.create_task(runner.run(source.blocks()), name=f"source-{runner.stream}")
+            for runner, source in opened
+        ]
         log.info("ready: %d source(s)", len(source_tasks))
+        if self.mqtt is not None:  # the broker connection, in `systemctl status`
+            self.systemd.add_status(self.mqtt.describe)
+        self.systemd.running(
+            self.engine,
+            streams=factory.counts,
+            subscribers=lambda: self.server.subscribers if self.server else 0,
+        )
         stop_wait = asyncio.create_task(self._stop.wait(), name="stop-wait")
         try:
             if source_tasks and not self.keep_serving:
@@ -373,6 +508,17 @@ class App:
             stop_wait.cancel()
         return self.exit_code
 
+    def _engine_detail(self) -> str:
+        engine = self.engine
+        if engine is None:
+            return "engine: loading the model"
+        if not engine.alive:
+            return f"engine: stopped ({engine.fatal})"
+        age = time.monotonic() - engine.heartbeat
+        return (
+            f"engine: running, heartbeat {age:.1f} s ago, RTF {engine.stats.real_time_factor:.2f}"
+        )
+
     def _publish(self, event: Hypothesis) -> None:
         self.metrics.observe_event(event)
         self.fanout.publish(event)
@@ -385,8 +531,10 @@ class App:
         ws = self.cfg.websocket
         if not ws.enabled:
             return
+        token = load_ws_token(ws.auth_token_file)
+        register_secret(token)
         access = AccessPolicy(
-            token=load_ws_token(ws.auth_token_file),
+            token=token,
             allowed_origins=frozenset(split_items(ws.allowed_origins)),
         )
         ssl_context = make_ssl_context(ws.tls_cert, ws.tls_key)
@@ -405,6 +553,10 @@ class App:
             on_reject=self.metrics.connection_rejected,  # type: ignore[arg-type]
         )
         self.server.add_route("/metrics", self._serve_metrics, name="metrics", auth=True)
+        self.server.add_ready_detail(self._engine_detail)
+        mqtt = self.mqtt
+        if mqtt is not None:
+            self.server.add_ready_detail(mqtt.describe)
         add_page_routes(self.server)
         limits = IngestLimits(
             max_streams=ws.max_streams,
@@ -431,12 +583,14 @@ class App:
 
     def _fatal(self, exc: BaseException) -> None:
         log.critical("engine failure, stopping: %s", exc)
+        self.systemd.failed(f"engine failure: {exc}")
         self.exit_code = 1
         self._stop.set()
 
     async def _shutdown(
         self, source_tasks: list[asyncio.Task[None]], factory: StreamFactory
     ) -> None:
+        await self.systemd.stopping()  # STOPPING=1; the watchdog is no longer fed
         for task in source_tasks:  # stop sources; each runner finalises its stream
             task.cancel()
         await asyncio.gather(*source_tasks, return_exceptions=True)

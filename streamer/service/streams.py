@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 import numpy as np
 
 from streamer.audio.vad import FrameVad
-from streamer.core.session import DecodeResult, StreamSession
+from streamer.core.session import DecodeResult, SourceEventKind, StreamSession
 from streamer.engine.client import EngineClient
 from streamer.types import AudioBlock, Hypothesis
 
@@ -82,6 +82,12 @@ class StreamRunner:
     def finalize(self) -> None:
         """Explicit finalize request: close the current segment now."""
         self.session.request_final()
+        self._pump()
+
+    def source_state(self, state: str, detail: str) -> None:
+        """A microphone was lost ("lost") or came back ("restored")."""
+        kind: SourceEventKind = "source_lost" if state == "lost" else "source_restored"
+        self.session.receive_source_state(kind, detail)
         self._pump()
 
     def end(self) -> None:

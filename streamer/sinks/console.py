@@ -35,7 +35,7 @@ import os
 import shutil
 from typing import TextIO
 
-from streamer.sinks.fanout import Subscription
+from streamer.sinks.fanout import STATUS_KINDS, Subscription
 from streamer.types import Hypothesis
 
 __all__ = ["ConsoleSink", "format_final", "format_time_range"]
@@ -52,7 +52,13 @@ def format_time_range(start: float, end: float) -> str:
 
 
 def format_final(event: Hypothesis) -> str:
-    """The kept line of a final, without newline: ``[demo 0.0–4.2s] text``."""
+    """The kept line of a final, without newline: ``[demo 0.0–4.2s] text``.
+
+    Source status events read ``[mic0 12.3s] source lost: no audio for 1 s``.
+    """
+    if event.kind in ("source_lost", "source_restored"):
+        what = event.kind.replace("_", " ")
+        return f"[{event.stream} {event.end:.1f}s] {what}: {event.text}"
     return f"[{event.stream} {format_time_range(event.start, event.end)}] {event.text}"
 
 
@@ -96,7 +102,8 @@ class ConsoleSink:
     @property
     def kinds(self) -> frozenset[str]:
         """The event kinds to subscribe with."""
-        return frozenset({"partial", "final"}) if self.partials else frozenset({"final"})
+        kinds = {"partial", "final"} if self.partials else {"final"}
+        return frozenset(kinds) | STATUS_KINDS
 
     async def run(self, sub: Subscription) -> None:
         """Print events from ``sub`` until it closes; leaves the terminal clean."""
@@ -109,7 +116,7 @@ class ConsoleSink:
 
     def write(self, event: Hypothesis) -> None:
         """Render one event (sync: console writes are small and line-buffered)."""
-        if event.kind == "final":
+        if event.kind != "partial":
             self._write_final(event)
         elif self.partials:
             self._write_partial(event)

@@ -38,7 +38,9 @@ from streamer.types import Hypothesis
 
 __all__ = [
     "ALL_KINDS",
+    "EVENT_KINDS",
     "SLOW_SUBSCRIBER",
+    "STATUS_KINDS",
     "Fanout",
     "Subscription",
     "SubscriptionClosed",
@@ -47,6 +49,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ALL_KINDS: frozenset[str] = frozenset({"partial", "final"})
+#: A capture source went away / came back (``text`` says why); queued like finals.
+STATUS_KINDS: frozenset[str] = frozenset({"source_lost", "source_restored"})
+EVENT_KINDS: frozenset[str] = ALL_KINDS | STATUS_KINDS
 SLOW_SUBSCRIBER = "slow subscriber: final queue full"
 
 
@@ -143,7 +148,7 @@ class Subscription:
         if self.closed or not self.wants(event):
             return
         stream = event.stream
-        if event.kind == "final":
+        if event.kind != "partial":
             if self._n_finals >= self.max_finals:
                 log.warning(
                     "subscriber %r disconnected: %d finals undelivered",
@@ -155,6 +160,8 @@ class Subscription:
                 self._close(SLOW_SUBSCRIBER, discard=True)
                 return
             slot = self._open_partial.pop(stream, None)
+            if event.kind != "final":
+                slot = None  # a status event seals the open partial but supersedes nothing
             # A pending partial of this segment or an earlier one is stale: the
             # final supersedes it. One of a later segment keeps its place but is
             # sealed (no longer replaceable), so later partials queue behind this final.
@@ -305,9 +312,9 @@ class Fanout:
         After :meth:`close_all` the returned subscription is already closed.
         """
         kind_set = frozenset(kinds)
-        unknown = kind_set - ALL_KINDS
+        unknown = kind_set - EVENT_KINDS
         if unknown or not kind_set:
-            raise ValueError(f"kinds must be a non-empty subset of {sorted(ALL_KINDS)}")
+            raise ValueError(f"kinds must be a non-empty subset of {sorted(EVENT_KINDS)}")
         if max_finals < 1:
             raise ValueError("max_finals must be at least 1")
         stream_set = None if streams is None else frozenset(streams)

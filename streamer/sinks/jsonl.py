@@ -22,7 +22,7 @@ import sys
 from collections.abc import Iterable
 from typing import TextIO
 
-from streamer.sinks.fanout import Subscription, SubscriptionClosed
+from streamer.sinks.fanout import STATUS_KINDS, Subscription, SubscriptionClosed
 from streamer.types import Hypothesis
 
 __all__ = ["JsonlSink", "format_event", "format_srt_time", "write_srt"]
@@ -58,7 +58,8 @@ class JsonlSink:
     @property
     def kinds(self) -> frozenset[str]:
         """The event kinds to subscribe with."""
-        return frozenset({"partial", "final"}) if self.partials else frozenset({"final"})
+        kinds = {"partial", "final"} if self.partials else {"final"}
+        return frozenset(kinds) | STATUS_KINDS
 
     async def run(self, sub: Subscription) -> None:
         """Write events from ``sub`` until it closes; the file is closed at the end.

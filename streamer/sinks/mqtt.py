@@ -225,8 +225,8 @@ def resolve_password(
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
     if creds:
         path = Path(creds) / credential
-        if path.exists():
-            return _read_secret(path, f"$CREDENTIALS_DIRECTORY/{credential}")
+        if path.exists():  # empty: the unit's SetCredential= fallback, i.e. none given
+            return _read_secret(path, f"$CREDENTIALS_DIRECTORY/{credential}") or None
     return None
 
 

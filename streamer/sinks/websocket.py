@@ -64,7 +64,7 @@ from websockets.http11 import Request, Response
 
 from streamer.core.wire import parse_auth
 from streamer.errors import ProtocolError, StreamerError
-from streamer.sinks.fanout import ALL_KINDS, Fanout, Subscription
+from streamer.sinks.fanout import EVENT_KINDS, Fanout, Subscription
 
 __all__ = [
     "CAPTIONS_PATH",
@@ -153,17 +153,17 @@ def parse_caption_query(query: str) -> CaptionQuery:
                 raise ValueError(f"stream id longer than {MAX_STREAM_ID} characters")
             streams = (streams or set()) | set(items)
         elif key == "kinds":
-            unknown = sorted(set(items) - ALL_KINDS)
+            unknown = sorted(set(items) - EVENT_KINDS)
             if unknown:
                 raise ValueError(
-                    f"unknown kind {unknown[0]!r} (expected {', '.join(sorted(ALL_KINDS))})"
+                    f"unknown kind {unknown[0]!r} (expected {', '.join(sorted(EVENT_KINDS))})"
                 )
             kinds = (kinds or set()) | set(items)
         else:
             raise ValueError(f"unknown query parameter {key!r} (expected streams, kinds)")
     return CaptionQuery(
         streams=None if streams is None else frozenset(streams),
-        kinds=ALL_KINDS if kinds is None else frozenset(kinds),
+        kinds=EVENT_KINDS if kinds is None else frozenset(kinds),
     )
 
 

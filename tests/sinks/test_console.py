@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 
 from streamer.sinks.console import CLEAR_LINE, DIM, UNDIM, ConsoleSink, format_final
@@ -110,10 +111,18 @@ def test_is_tty_detected_from_the_stream() -> None:
 def test_partials_off_prints_finals_only() -> None:
     out = io.StringIO()
     sink = ConsoleSink(out, partials=False, is_tty=True)
-    assert sink.kinds == frozenset({"final"})
+    assert sink.kinds == frozenset({"final", "source_lost", "source_restored"})
     sink.write(partial("Hello", ""))
     sink.write(final("Hello."))
     assert out.getvalue() == "[demo 0.0–4.2s] Hello.\n"
+
+
+def test_source_events_print_a_kept_line() -> None:
+    out = io.StringIO()
+    sink = ConsoleSink(out, is_tty=False)
+    lost = dataclasses.replace(final("no audio for 1 s"), kind="source_lost", start=7.5, end=7.5)
+    sink.write(lost)
+    assert out.getvalue() == "[demo 7.5s] source lost: no audio for 1 s\n"
 
 
 async def test_run_prints_until_subscription_closes() -> None:

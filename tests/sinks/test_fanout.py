@@ -308,3 +308,18 @@ def test_property_finals_complete_in_order_and_no_stale_partials(
             if theirs and theirs[-1].kind == "partial":
                 assert mine and mine[-1] is theirs[-1], "newest partial lost"
         assert not sub.closed
+
+
+def test_status_events_queue_like_finals_and_seal_the_open_partial() -> None:
+    fan = Fanout()
+    sub = fan.subscribe(kinds=["partial", "final", "source_lost"])
+    default = fan.subscribe()  # partial + final only
+    fan.publish(ev("partial", seq=1))
+    fan.publish(ev("source_lost", seq=2))
+    fan.publish(ev("partial", seq=3))  # queues behind the status event, replaces nothing
+    fan.publish(ev("final", seq=4))
+    got = [(e.kind, e.seq) for e in drain(sub)]
+    assert got == [("partial", 1), ("source_lost", 2), ("final", 4)]
+    assert [e.kind for e in drain(default)] == ["final"]  # its partials were superseded
+    with pytest.raises(ValueError):
+        fan.subscribe(kinds=["source_gone"])

@@ -95,7 +95,7 @@ def http_get(server: CaptionServer, path: str) -> tuple[int, str]:
 
 def test_parse_caption_query() -> None:
     q = parse_caption_query("")
-    assert q.streams is None and q.kinds == {"partial", "final"}
+    assert q.streams is None and q.kinds == {"partial", "final", "source_lost", "source_restored"}
     q = parse_caption_query("streams=a,%20b&kinds=final")
     assert q.streams == frozenset({"a", "b"}) and q.kinds == frozenset({"final"})
     q = parse_caption_query("streams=a&streams=c&kinds=partial")
