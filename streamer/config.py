@@ -84,6 +84,17 @@ class StreamingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Batching: how many windows the engine admits and decodes per step."""
+
+    max_running: int = _f(32, min=1)
+    max_admit: int = _f(8, min=1)
+    max_admit_audio_s: float = _f(240.0, gt=0.0)
+    max_prefill_tokens: int = _f(4096, min=1)
+    max_consecutive_oom: int = _f(5, min=1)
+
+
+@dataclass(frozen=True, slots=True)
 class VadConfig:
     """Voice activity detection, which drives endpointing."""
 
@@ -200,6 +211,7 @@ class Config:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     vad: VadConfig = field(default_factory=VadConfig)
     sources: tuple[SourceConfig, ...] = field(default_factory=lambda: (SourceConfig(),))
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)

@@ -120,8 +120,17 @@ def make_decoder(cfg: Config) -> Decoder:
 def start_engine(cfg: Config) -> Engine:
     """Load the model and start the engine thread (blocking: call off the loop)."""
     from streamer.engine.core import Engine
+    from streamer.engine.scheduler import SchedulerLimits
 
-    engine = Engine(make_decoder(cfg))
+    e = cfg.engine
+    decoder = make_decoder(cfg)
+    limits = SchedulerLimits(
+        max_running=e.max_running,
+        max_admit=e.max_admit,
+        max_admit_samples=round(e.max_admit_audio_s * decoder.m.sample_rate),
+        max_prefill_tokens=e.max_prefill_tokens,
+    )
+    engine = Engine(decoder, max_consecutive_oom=e.max_consecutive_oom, limits=limits)
     engine.start()
     return engine
 
@@ -461,6 +470,18 @@ class App:
 
         self.engine.on_fatal = on_fatal
         self.metrics.bind(engine=self.engine)
+        engine = self.engine
+        self.metrics.add_gauge(
+            "streamer_stream_lag_seconds",
+            "per stream: age of its oldest unfinished decode request at the last engine step",
+            lambda: {(stream,): lag for stream, lag in engine.lag().items()},
+            labels=("stream",),
+        )
+        self.metrics.add_gauge(
+            "streamer_engine_batch_mean",
+            "mean sequences per engine step",
+            lambda: engine.stats.mean_batch,
+        )
         self._start_sinks()
         factory = self.factory = StreamFactory(self.cfg, client, self._publish)
         if self.ingest is not None:

@@ -591,6 +591,8 @@ async def test_metrics_count_streams_events_and_refusals(app: App) -> None:
     assert values['streamer_client_streams_closed_total{code="1007"}'] == 1
     assert values["streamer_engine_alive{}"] == 1
     assert values["streamer_engine_requests_total{}"] >= 1
+    assert values["streamer_engine_batch_mean{}"] >= 1
+    assert not [k for k in values if k.startswith("streamer_stream_lag_seconds")]  # all done
 
 
 async def test_metrics_need_the_token_when_auth_is_on(tiny_whisper: Path, tmp_path: Path) -> None:
