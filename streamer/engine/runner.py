@@ -34,12 +34,13 @@ import torch
 from streamer.core.session import DecodeResult
 from streamer.engine.decoding import Decoder, EncodedWindow, find_loop
 from streamer.engine.scheduler import Job
+from streamer.engine.whisper_sed import DECODER_MODEL_TYPE
 
 __all__ = ["POSITION_AWARE_DECODERS", "BatchRunner"]
 
 #: SED decoder model types whose ``position_ids`` argument is honoured.
 POSITION_AWARE_DECODERS = frozenset(
-    {"bert", "roberta", "xlm-roberta", "electra", "gpt2", "bert-generation", "whisper_decoder"}
+    {"bert", "roberta", "xlm-roberta", "electra", "gpt2", "bert-generation", DECODER_MODEL_TYPE}
 )
 
 
@@ -104,7 +105,7 @@ class BatchRunner:
         prefixes: list[tuple[Job, EncodedWindow, list[int]]] = []
         for job, enc in encoded:
             job.lang = job.req.lang
-            if self.m.family == "whisper" and job.lang is None and self.m.lang_to_id:
+            if self.m.whisper_prompt and job.lang is None and self.m.lang_to_id:
                 job.lang = self.d.detect_language(enc)
             prefix = self.d.start_tokens(job.req.prompt, job.lang, job.req.task)
             prefix += list(job.req.forced)

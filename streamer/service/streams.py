@@ -16,13 +16,16 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from streamer.audio.vad import FrameVad
 from streamer.core.session import DecodeResult, SourceEventKind, StreamSession
-from streamer.engine.client import EngineClient
 from streamer.types import AudioBlock, Hypothesis
+
+if TYPE_CHECKING:  # the engine (torch, transformers) loads only when a daemon starts one
+    from streamer.engine.client import EngineClient
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ def test_report_has_ours_naive_and_the_sustained_ratio(tiny_whisper: Path, tmp_p
             "vad.enabled=false",
             "--out",
             str(out),
-        ]  # fmt: skip
+        ]
     )
     assert code == 0
     report = json.loads(out.read_text())
