@@ -265,36 +265,17 @@ class BatchRunner:
         """Logits (B, V) of each row's last position, advancing ``cache``."""
         fam = self.m.family
         full = bool(enc_mask.all())
-        if fam == "whisper":
-            if full:  # every row has all its frames: the stock decoder will do
-                hidden = self.m.model.model.decoder(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    encoder_hidden_states=enc,
-                    past_key_values=cache,
-                    use_cache=True,
-                ).last_hidden_state
-            else:
-                hidden = _whisper_decoder(self.m.model, ids, mask, positions, enc, enc_mask, cache)
-            head = self.m.model.get_output_embeddings()
+        head = self.m.model.get_output_embeddings()
+        if fam == "whisper" and not full:  # its decoder takes no cross-attention mask
+            hidden = _whisper_decoder(self.m.model, ids, mask, positions, enc, enc_mask, cache)
             return head(hidden[:, -1, :]).float()  # type: ignore[no-any-return]
         kw: dict[str, Any] = {}
         if not full:
             kw["encoder_attention_mask"] = enc_mask.long()
-        if fam == "sed":
-            if self.position_aware:
-                kw["position_ids"] = positions
-            out = self.m.model.decoder(
-                input_ids=ids,
-                attention_mask=mask,
-                encoder_hidden_states=enc,
-                past_key_values=cache,
-                use_cache=True,
-                **kw,
-            )
-            return out.logits[:, -1, :].float()  # type: ignore[no-any-return]
-        out = self.m.model.model.decoder(
+        if self.position_aware:
+            kw["position_ids"] = positions
+        decoder = self.m.model.decoder if fam == "sed" else self.m.model.model.decoder
+        out = decoder(
             input_ids=ids,
             attention_mask=mask,
             encoder_hidden_states=enc,
@@ -302,7 +283,8 @@ class BatchRunner:
             use_cache=True,
             **kw,
         )
-        head = self.m.model.get_output_embeddings()
+        if fam == "sed":  # a *ForCausalLM: logits already
+            return out.logits[:, -1, :].float()  # type: ignore[no-any-return]
         return head(out.last_hidden_state[:, -1, :]).float()  # type: ignore[no-any-return]
 
 
