@@ -266,6 +266,7 @@ class Shared:
     t0: float = 0.0
     logs: dict[str, StreamLog] = field(default_factory=dict)
     captions_events: int = 0
+    captions_finals: int = 0
     captions_close: int | None = None
 
     @property
@@ -349,13 +350,15 @@ async def read_captions(shared: Shared) -> None:
 
     async with connect(f"{shared.url}/v1/captions", max_size=None) as ws:
         with contextlib.suppress(ConnectionClosed):
-            async for _ in ws:
+            async for message in ws:
                 shared.captions_events += 1
+                shared.captions_finals += json.loads(message).get("type") == "final"
         shared.captions_close = ws.close_code
 
 
 async def sample_loop(app: Any, shared: Shared, samples: list[dict[str, Any]]) -> None:
     """Append one sample every ``sample_s`` until cancelled."""
+    port = app.server.port  # the server goes away when the daemon stops
     last_wall, last_busy = time.monotonic(), app.engine.stats.busy_seconds
     last_print = last_wall
     while True:
@@ -363,7 +366,7 @@ async def sample_loop(app: Any, shared: Shared, samples: list[dict[str, Any]]) -
         await asyncio.sleep(shared.opts.sample_s)
         now = time.monotonic()
         stats = app.engine.stats
-        series, received = await asyncio.to_thread(scrape, app.server.port)
+        series, received = await asyncio.to_thread(scrape, port)
         sent = shared.sent_s
         samples.append(
             {
@@ -575,6 +578,7 @@ async def soak(opts: SoakOptions) -> dict[str, Any]:
             "engine": {**stats, "busy_fraction": round(stats["busy_seconds"] / wall_s, 3)},
             "captions_subscriber": {
                 "events": shared.captions_events,
+                "finals": shared.captions_finals,
                 "close_code": shared.captions_close,
             },
             "streams": {name: stream_report(s) for name, s in shared.logs.items()},

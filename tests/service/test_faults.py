@@ -1,13 +1,14 @@
 """Faults a daemon on an edge GPU box meets, injected on CPU with the tiny Whisper.
 
-Where the daemon must carry on (one window out of memory), it runs in this
-process (``App``) and the test checks the streams and the probes. Where the
-exit code and stderr are the point (a device that stays broken, a corrupt
-checkpoint, a missing device), it runs as ``python -c WRAPPER serve ...``: the
-wrapper patches torch/transformers the way the fault would show up, then
-calls ``streamer.cli.main``, so nothing in the product knows about tests.
-Every failing start is also checked against a ``$NOTIFY_SOCKET`` of our own:
-systemd must never hear ``READY=1`` from a daemon that is going down.
+Where the daemon must carry on (a step out of memory, a microphone that is
+optional), it runs in this process (``App``) and the test checks the streams
+and the probes. Where the exit code and stderr are the point (a device that
+stays broken, a corrupt checkpoint, a missing device), it runs as
+``python -c WRAPPER serve ...``: the wrapper patches torch/transformers the
+way the fault would show up, then calls ``streamer.cli.main``, so nothing in
+the product knows about tests. Every failing start is also checked against a
+``$NOTIFY_SOCKET`` of our own: systemd must never hear ``READY=1`` from a
+daemon that is going down.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from streamer.service.app import App
 from streamer.testing.tiny_models import make_whisper
 
 AUDIO = Path(__file__).resolve().parents[1] / "data" / "audio"
-TIMEOUT = 60.0  # in-process runs and subprocess exits, on 2 busy cores
+TIMEOUT = 120.0  # only a hang reaches it: starts take seconds, 30 s on 2 very busy cores
 
 #: What a CUDA fault looks like from Python: c10's message plus its advice lines.
 CUDA_FAULT = (
@@ -141,7 +142,10 @@ async def serving(cfg: Config) -> AsyncIterator[tuple[App, asyncio.Task[int]]]:
 
 
 async def test_out_of_memory_fails_that_step_and_every_stream_goes_on(
-    tiny_whisper: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_whisper: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     real_forward = WhisperDecoderLayer.forward
     calls = 0
@@ -161,11 +165,14 @@ async def test_out_of_memory_fails_that_step_and_every_stream_goes_on(
         assert sorted(runners) == ["a", "b"]
         for runner in runners.values():
             assert await runner.wait_done(TIMEOUT), runner.stream
-        # The windows of the failed step (one per stream at most; one stream when the
-        # other had nothing in flight) get an error result, nothing else does.
+        # The windows of the failed step (one per stream at most) get an error result,
+        # nothing else does; a stream may already have dropped that window for a final.
+        oom = [r for r in caplog.records if r.getMessage().startswith("out of memory")]
+        hit = [str(r.args[0]) for r in oom if isinstance(r.args, tuple)]  # the stream
+        assert hit and set(hit) <= {"a", "b"} and len(hit) == len(set(hit)), caplog.messages
+        assert app.engine.stats.failed == len(hit)
         failed = {name: r.session.failed_windows for name, r in runners.items()}
-        assert 1 <= sum(failed.values()) <= 2 and max(failed.values()) == 1, failed
-        assert app.engine.stats.failed == sum(failed.values())
+        assert all(failed[name] <= (name in hit) for name in failed), (failed, hit)
         assert app.engine.fatal is None and app.ready and not task.done()
         port = app.server.port
         assert await asyncio.to_thread(probe, port, "/readyz") == 200

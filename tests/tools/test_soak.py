@@ -55,8 +55,8 @@ def test_every_session_ran_cleanly(report: dict[str, Any]) -> None:
         assert s["errors"] == [] and s["refused_starts"] == 0, (name, s)
         assert s["sessions"] == 3 and s["close_codes"] == {"1000": 3}, (name, s)
         assert s["finals"] >= 10 and s["seq_errors"] == 0, (name, s)  # seq rises across sessions
-    finals = sum(s["finals"] + s["partials"] for s in run["streams"].values())
-    assert run["captions_subscriber"]["events"] >= finals  # it saw every stream's events
+    finals = sum(s["finals"] for s in run["streams"].values())
+    assert run["captions_subscriber"]["finals"] == finals  # every final reached both sockets
 
 
 def test_process_figures_stay_flat(report: dict[str, Any]) -> None:
@@ -72,7 +72,8 @@ def test_process_figures_stay_flat(report: dict[str, Any]) -> None:
     assert grown("tasks") <= 4, series["tasks"]
     gc_objects = series["gc_objects"]
     assert gc_objects["late_mean"] <= gc_objects["early_mean"] * 1.01 + 2000, gc_objects
-    assert grown("metrics_series") <= 0, series["metrics_series"]  # no label set per session
+    # per-stream series (engine lag) come and go; a label set per session would pile up
+    assert grown("metrics_series") <= STREAMS, series["metrics_series"]
 
 
 #: Hard bounds per state size, from the settings (s: the streaming config dict).
@@ -189,3 +190,27 @@ def test_series_summary_reports_growth_per_audio_hour() -> None:
     growing = series_summary([0.5, 1.0, 1.5, 2.0], [10, 20, 30, 40])
     assert growing["slope_per_audio_hour"] == pytest.approx(20.0)
     assert (growing["early_mean"], growing["late_mean"]) == (15.0, 35.0)
+
+
+async def test_a_daemon_that_dies_ends_the_soak_with_a_report(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+    from transformers.models.whisper.modeling_whisper import WhisperDecoderLayer
+
+    real_forward = WhisperDecoderLayer.forward
+    calls = 0
+
+    def forward(self: WhisperDecoderLayer, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 40:
+            raise torch.AcceleratorError("CUDA error: unspecified launch failure")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(WhisperDecoderLayer, "forward", forward)
+    opts = SoakOptions(streams=2, audio_hours=1.0, speed=4.0, sample_s=0.5, max_wall_s=120)
+    result = await soak(opts)
+    run = result["run"]
+    assert run["daemon_ended_early"] and not run["timed_out"], run
+    assert run["daemon_exit_code"] == 1 and run["audio_h_total"] < 0.1, run
