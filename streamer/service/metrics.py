@@ -225,6 +225,10 @@ class _WithoutCreated:
             yield copy
 
 
+#: WebSocket close codes counted by name; anything else is "other".
+KNOWN_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 1013})
+
+
 class Metrics:
     """All metrics of one daemon, in a registry of its own.
 
@@ -390,7 +394,10 @@ class Metrics:
 
     def client_stream_closed(self, code: int) -> None:
         """Count a ``/v1/stream`` connection ending with WebSocket close ``code``."""
-        self._closed.labels(str(int(code))).inc()
+        # The client picks its own close code: unknown ones share one label so a
+        # client cannot mint series.
+        label = str(int(code)) if int(code) in KNOWN_CLOSE_CODES else "other"
+        self._closed.labels(label).inc()
 
     def audio_received(self, seconds: float) -> None:
         """Add ``seconds`` of received audio (from any source or client)."""

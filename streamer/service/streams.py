@@ -114,15 +114,19 @@ class StreamRunner:
         return True
 
     def _pump(self) -> None:
-        for req in self.session.requests_to_send():
-            try:
-                fut = self.engine.submit(req)
-            except RuntimeError as exc:  # engine stopped: fail the window, keep going
-                log.error("stream %s: %s", self.stream, exc)
-                self.session.receive_result(DecodeResult(req.request_id, (), (), error=str(exc)))
-                continue
-            self._pending.add(fut)
-            fut.add_done_callback(self._on_result)
+        # A failed submit's error result may schedule the next request at once
+        # (a segment's final): keep sending until the session has nothing new.
+        while requests := self.session.requests_to_send():
+            for req in requests:
+                try:
+                    fut = self.engine.submit(req)
+                except RuntimeError as exc:  # engine stopped: fail the window, keep going
+                    log.error("stream %s: %s", self.stream, exc)
+                    result = DecodeResult(req.request_id, (), (), error=str(exc))
+                    self.session.receive_result(result)
+                    continue
+                self._pending.add(fut)
+                fut.add_done_callback(self._on_result)
         now = self.clock()
         for event in self.session.events_received():
             self.publish(dataclasses.replace(event, latency_ms=self._latency_ms(event, now)))

@@ -373,3 +373,15 @@ def test_instances_do_not_share_values() -> None:
     if sys.platform == "linux":  # process collector reads /proc
         assert value(sa, "process_open_fds") > 0
         assert value(sb, "process_resident_memory_bytes") > 0
+
+
+def test_client_chosen_close_codes_cannot_mint_series() -> None:
+    from streamer.service.metrics import Metrics
+
+    m = Metrics(process_metrics=False)
+    for code in (1000, 4000, 4001, 3999):
+        m.client_stream_closed(code)
+    text = m.render()[0].decode()
+    assert 'streamer_client_streams_closed_total{code="1000"} 1.0' in text
+    assert 'streamer_client_streams_closed_total{code="other"} 3.0' in text
+    assert "4000" not in text

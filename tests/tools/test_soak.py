@@ -11,6 +11,7 @@ latency does not grow. The long runs are ``tools/soak.py`` itself.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ def test_process_figures_stay_flat(report: dict[str, Any]) -> None:
 
 
 #: Hard bounds per state size, from the settings (s: the streaming config dict).
-BOUNDS = {
+BOUNDS: dict[str, Callable[[dict[str, Any]], float]] = {
     "session.buffer": lambda s: 3 * s["max_segment_s"] * RATE,  # never the whole session
     "runner._arrivals": lambda s: 3 * s["max_segment_s"] / 0.5 + 2,  # 500 ms frames
     "session._history": lambda s: s["prompt_max_tokens"],
@@ -133,7 +134,7 @@ def test_latency_does_not_grow(report: dict[str, Any]) -> None:
 def test_frames_loop_the_tape_exactly() -> None:
     import numpy as np
 
-    tape = (np.arange(10, dtype=np.float32) - 5) / 10
+    tape = ((np.arange(10) - 5) / 10).astype(np.float32)
     frames = pcm_frames(tape, 4)
     got = np.frombuffer(b"".join(next(frames) for _ in range(5)), dtype="<i2")
     expected = (np.clip(np.concatenate([tape, tape]), -1, 1) * 32767).astype("<i2")
