@@ -48,6 +48,14 @@ def streamer_cache_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_whisper(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Whisper checkpoint on disk, built once per run (read-only for tests)."""
+    from streamer.testing.tiny_models import make_whisper
+
+    return make_whisper(tmp_path_factory.mktemp("tiny") / "whisper")
+
+
+@pytest.fixture(scope="session")
 def whisper_base_dir(streamer_cache_dir: Path) -> Path:
     """The converted ``builtin:whisper-base`` checkpoint (converted on first use)."""
     from streamer.engine.ct2_whisper import ensure_whisper_base

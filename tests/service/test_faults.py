@@ -44,7 +44,6 @@ from streamer.config import (
 )
 from streamer.errors import EX_CONFIG
 from streamer.service.app import App
-from streamer.testing.tiny_models import make_whisper
 
 AUDIO = Path(__file__).resolve().parents[1] / "data" / "audio"
 TIMEOUT = 120.0  # only a hang reaches it: starts take seconds, 30 s on 2 very busy cores
@@ -78,11 +77,6 @@ sys.exit(main(sys.argv[1:]))
 """
 #: The CLI as it is.
 PLAIN = "import sys\nfrom streamer.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-
-
-@pytest.fixture(scope="module")
-def tiny_whisper(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_whisper(tmp_path_factory.mktemp("tiny") / "whisper")
 
 
 def free_port() -> int:

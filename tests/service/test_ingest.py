@@ -36,18 +36,12 @@ from streamer.config import (
 )
 from streamer.errors import ConfigError
 from streamer.service.app import App
-from streamer.testing.tiny_models import make_whisper
 from streamer.types import Hypothesis
 
 from ..conftest import check_wire_event
 
 CLIP = Path(__file__).resolve().parents[1] / "data" / "audio" / "fleurs-en-004.ogg"
 TIMEOUT = 30.0
-
-
-@pytest.fixture(scope="module")
-def tiny_whisper(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_whisper(tmp_path_factory.mktemp("tiny") / "whisper")
 
 
 def make_config(model: Path, vad: bool = True, **ws: Any) -> Config:

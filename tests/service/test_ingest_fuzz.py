@@ -13,6 +13,7 @@ import contextlib
 import json
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +23,6 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from streamer.service.app import App
-from streamer.testing.tiny_models import make_whisper
 
 from .test_ingest import TIMEOUT, http_status, make_config, marker, ws_url
 
@@ -57,11 +57,8 @@ frames = st.lists(
 
 
 @pytest.fixture(scope="module")
-def daemon(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[App, asyncio.AbstractEventLoop]]:
-    model = make_whisper(tmp_path_factory.mktemp("tiny") / "whisper")
-    cfg = make_config(model, max_frame_bytes=4096, idle_timeout_s=5.0)
+def daemon(tiny_whisper: Path) -> Iterator[tuple[App, asyncio.AbstractEventLoop]]:
+    cfg = make_config(tiny_whisper, max_frame_bytes=4096, idle_timeout_s=5.0)
     loop = asyncio.new_event_loop()
     app = App(cfg, keep_serving=True)
     result: dict[str, Any] = {}

@@ -18,8 +18,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from streamer.config import MqttConfig
 from streamer.service.app import App
 from streamer.testing.mosquitto import Mosquitto, TcpGate
@@ -28,13 +26,6 @@ from ..sinks.test_mqtt import Recorder
 from .test_ingest import make_config, running, stream_clip
 
 TIMEOUT = 60.0
-
-
-@pytest.fixture(scope="module")
-def tiny_whisper(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from streamer.testing.tiny_models import make_whisper
-
-    return make_whisper(tmp_path_factory.mktemp("tiny") / "whisper")
 
 
 def with_mqtt(cfg: Any, port: int, **mqtt: Any) -> Any:

@@ -30,13 +30,6 @@ from .test_ingest import CLIP, make_config, running, ws_url
 TIMEOUT = 30.0
 
 
-@pytest.fixture(scope="module")
-def tiny_whisper(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from streamer.testing.tiny_models import make_whisper
-
-    return make_whisper(tmp_path_factory.mktemp("tiny") / "whisper")
-
-
 def mic_config(model: Path, **source: Any) -> Any:
     mic = SourceConfig(type="microphone", stream="mic0", device="USB Microphone", **source)
     return dataclasses.replace(make_config(model), sources=(mic,))

@@ -24,14 +24,9 @@ from streamer.engine.core import Engine
 from streamer.engine.decoding import Decoder, find_loop
 from streamer.engine.loader import ModelSpec, load_model
 from streamer.service.app import App, StreamFactory, model_spec
-from streamer.testing.tiny_models import FAMILIES, make_whisper
+from streamer.testing.tiny_models import FAMILIES
 
 CLIP = "tests/data/audio/fleurs-en-004.ogg"
-
-
-@pytest.fixture(scope="module")
-def tiny_whisper(tmp_path_factory):
-    return make_whisper(tmp_path_factory.mktemp("tiny") / "whisper")
 
 
 @pytest.fixture

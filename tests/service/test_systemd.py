@@ -59,7 +59,6 @@ from streamer.service import app as app_module
 from streamer.service import systemd
 from streamer.service.app import App
 from streamer.service.systemd import EngineHealth, Notifier, StatusLine, feed_watchdog
-from streamer.testing.tiny_models import make_whisper
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "streamer.service"
@@ -497,11 +496,6 @@ async def test_watchdog_survives_a_failing_status(listener: NotifyListener) -> N
 
 
 # -- the daemon in-process -------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_whisper(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_whisper(tmp_path_factory.mktemp("tiny") / "whisper")
 
 
 def make_config(model: Path) -> Config:

@@ -3,16 +3,7 @@
 import json
 from pathlib import Path
 
-import pytest
-
 from tools import benchmark
-
-
-@pytest.fixture(scope="module")
-def tiny_whisper(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from streamer.testing.tiny_models import make_whisper
-
-    return make_whisper(tmp_path_factory.mktemp("tiny") / "whisper")
 
 
 def test_report_has_ours_naive_and_the_sustained_ratio(tiny_whisper: Path, tmp_path: Path) -> None:

@@ -54,13 +54,6 @@ def test_long_stream_gaps_are_seeded_and_bounded():
 # ------------------------------------------------------------------ whole runs
 
 
-@pytest.fixture(scope="module")
-def tiny_whisper(tmp_path_factory):
-    from streamer.testing.tiny_models import make_whisper
-
-    return make_whisper(tmp_path_factory.mktemp("tiny") / "whisper")
-
-
 @pytest.fixture
 def restore_threads():
     import torch

@@ -21,13 +21,6 @@ from ..audio.test_capture import FakeSD
 from ..service.test_ingest import CLIP, make_config, running
 
 
-@pytest.fixture(scope="module")
-def tiny_whisper(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from streamer.testing.tiny_models import make_whisper
-
-    return make_whisper(tmp_path_factory.mktemp("tiny") / "whisper")
-
-
 def received(app: App) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
