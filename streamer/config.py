@@ -81,6 +81,7 @@ class StreamingConfig:
     min_tokens: int = _f(8, min=1)
     prompt_max_tokens: int = _f(64, min=0)
     whisper_input: str = _f("trimmed", choices=("padded", "trimmed"))
+    max_backlog_s: float = _f(30.0, gt=0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,7 @@ class EngineConfig:
     max_admit_audio_s: float = _f(240.0, gt=0.0)
     max_prefill_tokens: int = _f(4096, min=1)
     max_consecutive_oom: int = _f(5, min=1)
+    compile: bool = _f(False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -606,6 +608,13 @@ def _validate(cfg: Config, locate: Callable[[str], _Origin | None]) -> None:
             "streaming.max_segment_s",
             "streaming.left_context_s",
             "streaming.max_window_s",
+        )
+    if s.max_backlog_s < s.max_segment_s:
+        raise error(
+            f"max_backlog_s ({s.max_backlog_s:g} s) is below max_segment_s "
+            f"({s.max_segment_s:g} s): one long segment would hold the input back",
+            "streaming.max_backlog_s",
+            "streaming.max_segment_s",
         )
     ws = cfg.websocket
     if bool(ws.tls_cert) != bool(ws.tls_key):

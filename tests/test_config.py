@@ -420,6 +420,14 @@ def test_window_rule(tmp_path):
     assert "exceeds max_window_s (30 s)" in err.reason
 
 
+def test_backlog_bound_must_hold_a_whole_segment(tmp_path):
+    ok = load_text(tmp_path, "[streaming]\nmax_backlog_s = 15.0\n")
+    assert ok.streaming.max_backlog_s == ok.streaming.max_segment_s == 15.0
+    err = error_of(tmp_path, "[streaming]\nmax_backlog_s = 14.5\n")
+    assert err.key == "streaming.max_backlog_s"
+    assert "below max_segment_s (15 s)" in err.reason
+
+
 def test_window_rule_names_the_layer_that_broke_it(tmp_path):
     base = write(tmp_path, "[streaming]\nmax_segment_s = 20.0\n", "base.toml")
     site = write(tmp_path, "[streaming]\nmax_window_s = 18.0\n", "site.toml")

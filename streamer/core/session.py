@@ -18,6 +18,17 @@ sparser instead of queues growing). When a segment closes while a partial is
 still being decoded, its final is sent at once, marked as superseding that
 partial (``supersedes``), so the engine can abandon the stale work instead of
 making the final wait for it.
+
+Falling behind: a stream has one decode in flight at a time, so when the
+engine is slower than the audio, closed segments wait for their final. With
+``catch_up`` on, segments waiting behind the next final are decoded together
+with it (up to ``max_segment`` of audio): one decode instead of several, so a
+stream with many short utterances catches up. None of those later segments
+was ever shown (no partial is requested while a final is pending), so their
+numbers are given back and segment numbering stays gapless. ``backlog`` is
+the audio not yet finalised; the adapter stops taking audio while it exceeds
+``max_backlog`` (a file or a client is read more slowly; a microphone drops
+blocks, counted by the capture).
 """
 
 from __future__ import annotations
@@ -57,6 +68,8 @@ class SessionSettings:
     segmenter: SegmenterSettings = field(default_factory=SegmenterSettings)
     lang: str | None = None
     task: str | None = None  # "transcribe" | "translate"; None: the model's configured task
+    catch_up: bool = True  # decode waiting segments together (False: one final per segment)
+    max_backlog: int = 30 * 16000  # audio not yet finalised before the adapter holds back
 
     def max_new_tokens(self, window_samples: int, forced: int) -> int:
         seconds = window_samples / self.sample_rate
@@ -137,6 +150,7 @@ class StreamSession:
         self._history: deque[int] = deque(maxlen=max(settings.prompt_max_tokens, 1))
         self._frame_remainder = 0  # samples not yet covered by synthetic VAD frames
         self.failed_windows = 0
+        self.merged_segments = 0  # segments folded into an earlier final (catching up)
 
     # ------------------------------------------------------------------ input
     def receive_audio(self, samples: FloatArray) -> None:
@@ -239,6 +253,18 @@ class StreamSession:
         return bool(self._in_flight)
 
     @property
+    def backlog(self) -> int:
+        """Samples from the start of the oldest segment still waiting for its final."""
+        if not self._closing:
+            return 0
+        return max(0, self.frontier - self._closing[0].start)
+
+    @property
+    def behind(self) -> bool:
+        """More audio waits for finals than ``max_backlog``: hold the input back."""
+        return self.backlog > self.s.max_backlog
+
+    @property
     def frontier(self) -> int:
         """Samples whose speech/non-speech status is known."""
         if self._ended:
@@ -330,14 +356,10 @@ class StreamSession:
             req, _ = self._in_flight[rid]
             if req.kind == "partial":
                 self._abandoned.add(rid)
-                seg = self._closing[0]
-                assert seg.window_end is not None
-                self._make_request(seg, "final", seg.window_end, supersedes=rid)
+                self._request_final(supersedes=rid)
         elif not live:
             if self._closing:
-                seg = self._closing[0]
-                assert seg.window_end is not None
-                self._make_request(seg, "final", seg.window_end)
+                self._request_final()
             elif (
                 self._open is not None
                 and self.s.partials
@@ -346,6 +368,34 @@ class StreamSession:
                 self._open.last_decode_end = self.frontier
                 self._make_request(self._open, "partial", self.frontier)
         self._trim()
+
+    def _request_final(self, supersedes: int | None = None) -> None:
+        seg = self._closing[0]
+        if self.s.catch_up:
+            self._merge_waiting(seg)
+        assert seg.window_end is not None
+        self._make_request(seg, "final", seg.window_end, supersedes=supersedes)
+
+    def _merge_waiting(self, head: _Segment) -> None:
+        """Fold segments closed behind ``head`` into its final (the stream is behind)."""
+        merged = 0
+        while len(self._closing) > 1:
+            nxt = self._closing[1]
+            assert nxt.window_end is not None and nxt.end is not None
+            if nxt.window_end - head.start > self.s.max_segment:
+                break
+            if nxt.lang is not None and nxt.lang != head.lang:
+                break
+            del self._closing[1]
+            head.end, head.window_end = nxt.end, nxt.window_end
+            merged += 1
+        if not merged:
+            return
+        self.merged_segments += merged
+        # The folded segments never emitted anything: later ones take their numbers.
+        for seg in list(self._closing)[1:] + ([self._open] if self._open else []):
+            seg.index -= merged
+        self._next_segment -= merged
 
     def _trim(self) -> None:
         segs = list(self._closing)

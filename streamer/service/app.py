@@ -90,6 +90,7 @@ def session_settings(cfg: Config, sample_rate: int, frame_samples: int) -> Sessi
             endpoint_silence=samples(st.endpoint_silence_ms / 1000),
         ),
         lang=None if model.source_language == "auto" else model.source_language,
+        max_backlog=samples(st.max_backlog_s),
     )
 
 
@@ -152,9 +153,12 @@ class StreamFactory:
     client: EngineClient
     publish: Callable[[Hypothesis], None]
     partials: bool = True
+    catch_up: bool = True  # False: one final per segment whatever the timing (offline runs)
     runners: dict[str, StreamRunner] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)
     _ended: OrderedDict[str, tuple[int, int]] = field(default_factory=OrderedDict)
+    _released_held: float = 0.0
+    _released_merged: int = 0
 
     def create(
         self,
@@ -174,6 +178,8 @@ class StreamFactory:
         settings = session_settings(self.cfg, sr, frame)
         if not self.partials:
             settings = dataclasses.replace(settings, partials=False)
+        if not self.catch_up:
+            settings = dataclasses.replace(settings, catch_up=False)
         if language is not None:
             settings = dataclasses.replace(settings, lang=None if language == "auto" else language)
         if task is not None:
@@ -184,6 +190,15 @@ class StreamFactory:
         self.runners[stream] = runner
         self.origins[stream] = origin
         return runner
+
+    def held_seconds(self) -> float:
+        """Wall time, over every stream so far, that input was held back (engine behind)."""
+        return self._released_held + sum(r.held_seconds for r in self.runners.values())
+
+    def merged_segments(self) -> int:
+        """Segments, over every stream so far, decoded together with an earlier one."""
+        live = sum(r.session.merged_segments for r in self.runners.values())
+        return self._released_merged + live
 
     def counts(self) -> dict[str, int]:
         """Live streams by origin ("source": configured, "client": /v1/stream)."""
@@ -199,6 +214,8 @@ class StreamFactory:
         if runner is None:
             return
         self._ended[stream] = (runner.session.last_seq, runner.session.next_segment)
+        self._released_held += runner.held_seconds
+        self._released_merged += runner.session.merged_segments
         while len(self._ended) > MAX_REMEMBERED_STREAMS:
             self._ended.popitem(last=False)
 
@@ -484,6 +501,22 @@ class App:
         )
         self._start_sinks()
         factory = self.factory = StreamFactory(self.cfg, client, self._publish)
+        self.metrics.add_gauge(
+            "streamer_stream_backlog_seconds",
+            "per stream: audio waiting for its final (grows when the engine is behind)",
+            lambda: {(name,): r.backlog_seconds for name, r in factory.runners.items()},
+            labels=("stream",),
+        )
+        self.metrics.add_counter(
+            "streamer_input_held_seconds_total",
+            "wall time streams held their input back because finals were behind",
+            factory.held_seconds,
+        )
+        self.metrics.add_counter(
+            "streamer_segments_merged_total",
+            "segments decoded together with the one before (a stream catching up)",
+            factory.merged_segments,
+        )
         if self.ingest is not None:
             try:
                 self.ingest.attach(factory, ingest_policy(self.cfg.websocket, client))

@@ -5,6 +5,12 @@ it runs the voice-activity detector off the loop, feeds the session, sends
 its decode requests to the engine, hands results back, and publishes the
 session's events with their latency (wall time since the audio they cover
 arrived). It is the same for a microphone, a file and a WebSocket client.
+
+Backpressure: while the session is ``behind`` (more audio waiting for finals
+than ``max_backlog``), ``feed`` does not return. A file is then read more
+slowly, a WebSocket client's frames wait in TCP buffers, and a microphone's
+capture queue fills and drops blocks (counted and logged there; the gap
+becomes silence here), so memory stays bounded when the device is too slow.
 """
 
 from __future__ import annotations
@@ -50,6 +56,9 @@ class StreamRunner:
         self._arrivals: deque[tuple[int, float]] = deque()  # (block end sample, arrival)
         self._done = asyncio.Event()
         self._pending: set[asyncio.Future[DecodeResult]] = set()
+        self._caught_up = asyncio.Event()
+        self._caught_up.set()
+        self.held_seconds = 0.0  # wall time ``feed`` waited for the engine to catch up
 
     @property
     def stream(self) -> str:
@@ -81,6 +90,17 @@ class StreamRunner:
         if probs is not None:
             self.session.receive_speech(probs)
         self._pump()
+        if not self._caught_up.is_set():
+            held = self.clock()
+            log.debug("stream %s: %.1f s of audio wait for finals; holding input back",
+                      self.stream, self.session.backlog / self.session.s.sample_rate)  # fmt: skip
+            await self._caught_up.wait()
+            self.held_seconds += self.clock() - held
+
+    @property
+    def backlog_seconds(self) -> float:
+        """Audio not yet finalised (the stream's lag behind its input)."""
+        return self.session.backlog / self.session.s.sample_rate
 
     def finalize(self) -> None:
         """Explicit finalize request: close the current segment now."""
@@ -131,6 +151,10 @@ class StreamRunner:
         for event in self.session.events_received():
             self.publish(dataclasses.replace(event, latency_ms=self._latency_ms(event, now)))
         self._forget_arrivals()
+        if self.session.behind and not self.session.done:
+            self._caught_up.clear()
+        else:
+            self._caught_up.set()
         if self.session.done:
             self._done.set()
 

@@ -74,7 +74,7 @@ async def transcribe_files(
                         out.flush()
 
             stream = f"file{index}" if len(files) > 1 else "file"
-            factory = StreamFactory(cfg, client, publish, partials=False)
+            factory = StreamFactory(cfg, client, publish, partials=False, catch_up=False)
             runner = factory.create(stream)
             source = FileSource(path, stream, client.sample_rate, realtime=False)
             await runner.run(source.blocks())

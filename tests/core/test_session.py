@@ -3,7 +3,8 @@
 import itertools
 
 import numpy as np
-from hypothesis import given, settings
+import pytest
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from streamer.core.segmenter import SegmenterSettings
@@ -69,21 +70,23 @@ class Framer:
         return probs(data[: n * self.frame], self.frame)
 
 
-def drive(session, audio, block=160, engine=fake_model, end=True, framer=None, delay=False):
-    """Feed ``audio`` block by block; with ``delay`` each answer comes one block late."""
+def drive(session, audio, block=160, engine=fake_model, end=True, framer=None, delay=0):
+    """Feed ``audio`` block by block; each answer comes ``delay`` blocks late (0: at once)."""
     events, requests = [], []
     framer = framer or Framer()
-    waiting = []
+    waiting = []  # (due pump, request)
+    clock = itertools.count()
 
     def pump():
+        now = next(clock)
         if delay:
-            ready = waiting[:]
-            waiting.clear()
+            ready = [r for due, r in waiting if due <= now]
+            waiting[:] = [(due, r) for due, r in waiting if due > now]
             for r in ready:
                 session.receive_result(engine(r))
             new = session.requests_to_send()
             requests.extend(new)
-            waiting.extend(new)
+            waiting.extend((now + int(delay), r) for r in new)
         else:
             while reqs := session.requests_to_send():
                 requests.extend(reqs)
@@ -235,8 +238,9 @@ def test_utf8_split_across_tokens_never_leaks_broken_characters():
     st.integers(1, 3),
     st.integers(40, 700),
     st.booleans(),
-    st.booleans(),
+    st.sampled_from([0, 1, 40]),  # answers at once, a block late, or far behind the audio
 )
+@example([(True, 0.5), (False, 0.7)] * 6, 2, 160, True, 40)  # behind: segments get merged
 def test_properties_any_speech_pattern(pattern, n, block, aligned, delay):
     s = StreamSession("a", settings_(agreement_n=n))
     audio = np.concatenate([speech(d) if loud else silence(d) for loud, d in pattern])
@@ -261,6 +265,10 @@ def test_properties_any_speech_pattern(pattern, n, block, aligned, delay):
             assert e.segment not in finals
             finals[e.segment] = e.text
             assert e.text.startswith(last_committed.get(e.segment, ""))
+    # one final request per segment, numbered without gaps (also after catching up)
+    final_segments = [r.segment for r in requests if r.kind == "final"]
+    assert final_segments == list(range(len(final_segments)))
+    assert s.next_segment == len(final_segments)
     # every loud block that belongs to a segment ends up in exactly one final
     final_words = " ".join(finals[k] for k in sorted(finals)).split()
     assert len(final_words) == len(set(final_words))
@@ -294,7 +302,7 @@ def test_half_words_are_never_committed():
     st.lists(st.tuples(st.booleans(), st.floats(0.05, 4.0)), min_size=1, max_size=8),
     st.integers(40, 700),
     st.sampled_from([2, 3, 6]),
-    st.booleans(),
+    st.sampled_from([0, 1, 40]),
 )
 def test_final_windows_cover_all_speech_without_gaps(pattern, block, max_segment_s, delay):
     s = StreamSession("a", settings_(max_segment=max_segment_s * SR))
@@ -334,3 +342,84 @@ def test_a_looping_hypothesis_commits_nothing_and_resets_agreement():
     # is the first that can agree with the 4th: nothing is committed before it
     assert [bool(p.committed) for p in partials[:3]] == [False, False, False]
     assert partials[3].committed
+
+
+def stalled(session, audio, block=160):
+    """Feed ``audio`` while the engine answers nothing; returns the requests sent."""
+    framer, sent = Framer(), []
+    for i in range(0, len(audio), block):
+        chunk = audio[i : i + block]
+        session.receive_audio(chunk)
+        session.receive_speech(framer(chunk))
+        sent += session.requests_to_send()
+    return sent
+
+
+def answer_all(session, sent):
+    """Let the engine catch up: answer every request, oldest first, until none is left."""
+    events, finals = [], []
+    while sent:
+        req = sent.pop(0)
+        if req.kind == "final":
+            finals.append(req)
+        session.receive_result(fake_model(req))
+        sent += session.requests_to_send()
+        events += session.events_received()
+    return events, finals
+
+
+def five_utterances():
+    return np.concatenate([np.concatenate([speech(1), silence(1)]) for _ in range(5)])
+
+
+def test_a_stream_behind_decodes_waiting_segments_together():
+    s = StreamSession("a", settings_())  # max_segment 6 s
+    sent = stalled(s, five_utterances())
+    # one final went out when segment 0 closed; the others wait behind it
+    assert [r.kind for r in sent] == ["partial", "final"] and sent[1].segment == 0
+    assert len(s._closing) == 5 and s.behind is False
+    assert s.backlog == s.frontier - sent[1].start
+    s.receive_end()
+    events, finals = answer_all(s, sent)
+    assert s.done
+    # segments 1-3 (starts 2 s .. ends 7.1 s) fit in 6 s: one final; segment 4 alone
+    assert [(f.segment, round(f.start / SR), round(f.end / SR)) for f in finals] == [
+        (0, 0, 1), (1, 2, 7), (2, 8, 9)
+    ]  # fmt: skip
+    out = [e for e in events if e.kind == "final"]
+    assert [e.segment for e in out] == [0, 1, 2]  # numbering stays gapless
+    assert s.merged_segments == 2 and s.next_segment == 3
+    words = " ".join(e.text for e in out).split()
+    assert words == [f"w{b}" for k in range(5) for b in range(20 * k, 20 * k + 10)]
+    assert out[1].start == pytest.approx(2.0, abs=0.15) and out[1].end == pytest.approx(
+        7.0, abs=0.1
+    )
+
+
+def test_without_catch_up_every_segment_gets_its_own_final():
+    s = StreamSession("a", settings_(catch_up=False))
+    sent = stalled(s, five_utterances())
+    s.receive_end()
+    events, finals = answer_all(s, sent)
+    assert [f.segment for f in finals] == [0, 1, 2, 3, 4]
+    assert [e.segment for e in events if e.kind == "final"] == [0, 1, 2, 3, 4]
+    assert s.merged_segments == 0
+
+
+def test_backlog_past_the_bound_asks_the_adapter_to_hold_back():
+    s = StreamSession("a", settings_(max_backlog=3 * SR))
+    sent = stalled(s, five_utterances()[: 4 * SR])
+    assert s.backlog > 3 * SR and s.behind
+    answer_all(s, sent)
+    assert s.backlog < SR and not s.behind  # only the open segment is left
+
+
+def test_a_merged_final_keeps_the_language_of_each_segment():
+    s = StreamSession("a", settings_())
+    sent = stalled(s, five_utterances()[: 6 * SR])
+    assert len(s._closing) == 3
+    s._closing[2].lang = "de"  # the stream's language changed before segment 2
+    s.receive_end()
+    _, finals = answer_all(s, sent)
+    assert [f.segment for f in finals] == [0, 1, 2]  # segment 2 not folded into 1's final
+    assert [f.lang for f in finals] == [None, None, "de"]

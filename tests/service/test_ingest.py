@@ -567,6 +567,7 @@ async def test_metrics_count_streams_events_and_refusals(app: App) -> None:
         await ws.recv()
         values = await asyncio.to_thread(scrape, app)
         assert values['streamer_streams{origin="client"}'] == 1
+        assert values['streamer_stream_backlog_seconds{stream="live"}'] == 0
         await ws.send('{"type":"stop"}')
         await read_all(ws)
     await stream_clip(app, "counted")
@@ -587,6 +588,9 @@ async def test_metrics_count_streams_events_and_refusals(app: App) -> None:
     assert values["streamer_engine_requests_total{}"] >= 1
     assert values["streamer_engine_batch_mean{}"] >= 1
     assert not [k for k in values if k.startswith("streamer_stream_lag_seconds")]  # all done
+    assert not [k for k in values if k.startswith("streamer_stream_backlog_seconds")]
+    assert values["streamer_input_held_seconds_total{}"] == 0  # the engine kept up
+    assert values["streamer_segments_merged_total{}"] == 0
 
 
 async def test_metrics_need_the_token_when_auth_is_on(tiny_whisper: Path, tmp_path: Path) -> None:

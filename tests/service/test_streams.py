@@ -150,3 +150,51 @@ async def test_app_runs_a_file_to_the_end(tiny_whisper, tmp_path):
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert lines and lines[-1]["type"] == "final" and lines[-1]["stream"] == "f"
     assert app.server is None  # closed at shutdown
+
+
+TIMIT = "tests/data/audio/LDC93S1_timit_sample.wav"
+
+
+async def test_a_stalled_engine_holds_the_input_back_then_the_stream_catches_up(
+    engine, tiny_whisper, tmp_path
+):
+    """Backpressure end to end: the device stops, the file is no longer read past the
+    backlog bound, and once it resumes the waiting segments are decoded together."""
+    import threading
+
+    speech, rate = sf.read(TIMIT, dtype="float32")
+    gap = np.zeros(rate, dtype=np.float32)
+    path = tmp_path / "five.wav"
+    sf.write(path, np.concatenate([np.concatenate([speech, gap]) for _ in range(5)]), rate)
+    cfg = config(tiny_whisper, max_segment_s=10.0, max_backlog_s=12.0)
+    gate = threading.Event()
+    conv = engine.decoder.m.model.get_encoder().conv1  # every encoder pass runs it
+    hook = conv.register_forward_pre_hook(lambda *_: gate.wait(60) and None)
+    client = EngineClient(engine)
+    requests = []
+    submit = client.submit
+    client.submit = lambda req: (requests.append(req), submit(req))[1]
+    factory = StreamFactory(cfg, client, lambda e: None, partials=False)
+    runner = factory.create("s")
+    task = asyncio.create_task(runner.run(FileSource(path, "s", 16000, realtime=False).blocks()))
+    try:
+        async with asyncio.timeout(30):
+            while not (runner.session.behind and runner.held_seconds == 0.0 and not task.done()):
+                await asyncio.sleep(0.01)
+            held_at = runner.session.buffer.end
+            # the reader is parked: no more audio is taken while the engine is stalled
+            for _ in range(50):
+                await asyncio.sleep(0.01)
+            assert runner.session.buffer.end == held_at < 5 * (len(speech) + rate)
+            assert 12.0 < runner.backlog_seconds < 13.0
+    finally:
+        gate.set()
+    await asyncio.wait_for(task, 60)
+    assert await runner.wait_done(60)
+    hook.remove()
+    assert runner.held_seconds > 0 and not runner.session.behind
+    finals = [r for r in requests if r.kind == "final"]
+    assert [r.segment for r in finals] == list(range(len(finals)))
+    assert runner.session.merged_segments >= 1 and len(finals) <= 4
+    spans = [(r.end - r.start) / rate for r in finals]
+    assert max(spans) > len(speech) / rate + 1.0  # one final window holds two utterances
