@@ -86,6 +86,7 @@ class Decoder:
         self.num_beams = max(1, loaded.spec.num_beams)
         self._encoder = self.model.get_encoder()
         self._proj = getattr(self.model, "enc_to_dec_proj", None)
+        self.pads_exactly = self._pads_exactly()
         vocab = int(self.model.get_output_embeddings().weight.shape[0])
         self._suppress = torch.tensor(
             [t for t in loaded.suppress_tokens if t < vocab], dtype=torch.long, device=loaded.device
@@ -97,16 +98,41 @@ class Decoder:
         )
 
     # --------------------------------------------------------------- encoder
-    def bucket(self, samples: int) -> int:
-        """The padded length a window is encoded at (whole seconds for trimmed Whisper).
+    def _pads_exactly(self) -> bool:
+        """Whether padded windows encode like unpadded ones.
 
-        Windows of one bucket encode together in one batch; decoding a window
-        alone pads it the same way, so batching never changes a result.
+        True for wav2vec2-style encoders with layer norm in the feature encoder
+        and an attention mask from the feature extractor (DESIGN.md section 8:
+        the group-norm variants change under padding, Speech2Text's subsampler
+        leaks it), so windows of different lengths can share one encoder pass.
         """
-        if not self.trimmed:
-            return samples
+        if self.m.family != "sed":
+            return False
+        norm = getattr(self._encoder.config, "feat_extract_norm", None)
+        return norm == "layer" and bool(
+            getattr(self.m.feature_extractor, "return_attention_mask", False)
+        )
+
+    def bucket(self, samples: int) -> int:
+        """Which encoder batch a window joins.
+
+        Windows of one bucket encode together in one pass. Trimmed Whisper
+        pads to whole seconds and padded Whisper to 30 s, alone or batched;
+        encoders with an exact padding mask batch any lengths, grouped by
+        power-of-two seconds to bound the padding; the others only batch
+        windows of equal length. So batching never changes a result.
+        """
         rate = self.m.sample_rate
-        return min(-(-samples // rate) * rate, int(self.m.feature_extractor.n_samples))
+        if self.trimmed:
+            return min(-(-samples // rate) * rate, int(self.m.feature_extractor.n_samples))
+        if self.m.family == "whisper":
+            return int(self.m.feature_extractor.n_samples)
+        if self.pads_exactly:
+            size = rate // 2
+            while size < samples:
+                size *= 2
+            return -size  # a key, not a length: padding is to the longest in the batch
+        return samples
 
     def features(self, audios: list[FloatArray]) -> dict[str, torch.Tensor]:
         """Model input features of equally long windows, one row each."""
@@ -125,6 +151,8 @@ class Decoder:
             batch = padded
         if self.m.family != "whisper":
             kwargs["return_attention_mask"] = True
+        if self.pads_exactly:
+            kwargs["padding"] = "longest"
         out = fe(batch if len(batch) > 1 else batch[0], **kwargs)
         name = self._encoder.main_input_name
         feats: dict[str, torch.Tensor] = {name: out[name].to(self.m.device, dtype=self.m.dtype)}
@@ -136,7 +164,7 @@ class Decoder:
         return self.encode_batch([audio])[0]
 
     def encode_batch(self, audios: list[FloatArray]) -> list[EncodedWindow]:
-        """Encode windows of one bucket (equal padded length) in one encoder pass."""
+        """Encode windows of one bucket in one encoder pass."""
         feats = self.features(audios)
         if self.trimmed:
             hidden = self._encode_trimmed(feats["input_features"])

@@ -111,3 +111,43 @@ def test_dropped_rows_leave_the_others_exact(decoder: Decoder, clip: np.ndarray)
     assert set(results) == {0, 2, 3}
     for rid, tokens in results.items():
         assert tokens == solo[rid]
+
+
+def test_windows_of_different_lengths_share_an_encoder_pass(
+    decoder: Decoder, clip: np.ndarray
+) -> None:
+    """Mask-exact encoders (wav2vec2 with layer norm) batch any lengths; others by bucket."""
+    import torch
+
+    reqs = requests(decoder, clip)
+    solo = {r.request_id: decoder.run(r).tokens for r in reqs}
+    calls: list[list[int]] = []
+    encode_batch = decoder.encode_batch
+
+    def spy(audios: list[np.ndarray]) -> list:  # type: ignore[type-arg]
+        calls.append([len(a) for a in audios])
+        return encode_batch(audios)
+
+    decoder.encode_batch = spy  # type: ignore[method-assign]
+    try:
+        runner = BatchRunner(decoder)
+        results = {}
+        with torch.inference_mode():
+            for job, result in runner.admit([Job(r, 0.0) for r in reqs]):
+                results[job.req.request_id] = result.tokens
+            while runner.running:
+                for job, result in runner.step():
+                    results[job.req.request_id] = result.tokens
+    finally:
+        del decoder.encode_batch
+    assert results == solo
+    mixed = [c for c in calls if len(set(c)) > 1]
+    if decoder.pads_exactly:
+        assert decoder.m.family == "sed"
+        # power-of-two buckets: ≤ 0.5 s, ≤ 1 s, ≤ 2 s, ≤ 4 s: four passes for eight windows
+        assert sorted(map(sorted, calls)) == [[8000], [11200, 16000], [25600],
+                                              [36800, 46400, 51200, 62400]], calls  # fmt: skip
+    elif decoder.trimmed:
+        assert mixed  # trimmed Whisper: windows of one whole-second bucket
+    else:
+        assert not mixed and len(calls) == len(reqs)
