@@ -165,22 +165,26 @@ class FileSource:
                     return
                 samples = pending[:n].copy()
                 pending = pending[n:]
+                due: float | None = None
                 if self.realtime:
                     now = self._clock()
                     if t0 is None:
                         t0 = now
-                    delay = t0 + start / self.target_rate - now
-                    await (self._sleep(delay) if delay > 0 else asyncio.sleep(0))
+                    due = t0 + start / self.target_rate
+                    await (self._sleep(due - now) if due > now else asyncio.sleep(0))
                 else:
                     await asyncio.sleep(0)
                 if self._closed:
                     return
+                now = self._clock()
                 block = AudioBlock(
                     stream=self.stream,
                     start=start,
                     samples=samples,
                     sample_rate=self.target_rate,
-                    arrival=self._clock(),
+                    # a live input would have had this block at ``due`` even when the
+                    # consumer (held back by a slow engine) takes it later
+                    arrival=now if due is None else min(now, due),
                 )
                 start = block.end
                 self.samples_emitted = start
