@@ -22,8 +22,10 @@ import numpy as np
 import torch
 
 from streamer.core.session import DecodeRequest, DecodeResult
+from streamer.engine.beams import BeamSearch
 from streamer.engine.loader import LoadedModel, whisper_task
 from streamer.engine.tokens import TokenPieces
+from streamer.engine.tokens import find_loop as find_loop  # re-exported for callers
 from streamer.types import FloatArray
 
 
@@ -31,30 +33,6 @@ from streamer.types import FloatArray
 class EncodedWindow:
     hidden: torch.Tensor  # (1, T, D), already projected to the decoder's width
     mask: torch.Tensor | None  # (1, T) encoder frame mask for cross-attention
-
-
-def find_loop(tokens: list[int], min_span: int = 16, max_period: int = 64) -> int | None:
-    """Index where a trailing repetition loop starts, or None.
-
-    A loop is the same n-gram repeated back to back at the end: one token six
-    times, or an n-gram (n <= ``max_period``) repeated until the repeats cover
-    ``min_span`` tokens (at least twice). Real speech repeats short phrases
-    ("New York, New York") but not a 16-token stretch; decoders that run past
-    the audio (a random model, Whisper on a shortened input) do. The index
-    returned keeps one occurrence of the repeated n-gram.
-    """
-    n_tok = len(tokens)
-    for period in range(1, min(max_period, n_tok // 2) + 1):
-        reps = 1
-        while (reps + 1) * period <= n_tok and (
-            tokens[n_tok - (reps + 1) * period : n_tok - reps * period]
-            == tokens[n_tok - period : n_tok]
-        ):
-            reps += 1
-        need = 6 if period == 1 else max(2, -(-min_span // period))
-        if reps >= need:
-            return n_tok - (reps - 1) * period
-    return None
 
 
 # Whisper was trained on audio followed by padding: with a shortened input and
@@ -309,10 +287,7 @@ class Decoder:
         logits = self.logits(ids, enc, cache)
         out: list[int] = []
         for step in range(max_new_tokens):
-            if self._suppress.numel():
-                logits[:, self._suppress] = -float("inf")
-            if step == 0 and self._begin_suppress.numel():
-                logits[:, self._begin_suppress] = -float("inf")
+            self.suppress(logits, first=step == 0)
             tok = int(torch.argmax(logits, dim=-1).item())
             if tok == self.m.eos_token_id:
                 break
@@ -336,12 +311,10 @@ class Decoder:
         num_beams: int,
         cancelled: Callable[[], bool] = _never,
     ) -> tuple[list[int], bool]:
-        """Beam search after ``prefix`` with one KV cache row per beam.
+        """Beam search after ``prefix`` with one KV cache row per beam (:class:`BeamSearch`).
 
-        Scores are summed log-probabilities; a hypothesis that ends (EOS) is
-        ranked by its score divided by its length (length penalty 1.0, as in
-        ``generate``). The cache rows follow their beams with
-        ``reorder_cache``; encoder states are repeated once per window.
+        The cache rows follow their beams with ``reorder_cache``; encoder
+        states are repeated once per window.
         """
         if num_beams <= 1:
             return self.greedy(enc, prefix, max_new_tokens, cancelled)
@@ -355,51 +328,25 @@ class Decoder:
             None if enc.mask is None else enc.mask.repeat_interleave(num_beams, 0),
         )
         logits = logits.repeat_interleave(num_beams, 0)
-        scores = torch.full((num_beams,), -float("inf"), device=dev)
-        scores[0] = 0.0  # all beams start identical: expand only the first
-        seqs: list[list[int]] = [[] for _ in range(num_beams)]
-        finished: list[tuple[float, list[int]]] = []
-        for step in range(max_new_tokens):
-            if self._suppress.numel():
-                logits[:, self._suppress] = -float("inf")
-            if step == 0 and self._begin_suppress.numel():
-                logits[:, self._begin_suppress] = -float("inf")
-            logp = torch.log_softmax(logits, dim=-1) + scores[:, None]
-            top = torch.topk(logp.flatten(), 2 * num_beams)
-            vocab = logp.shape[-1]
-            new_seqs: list[list[int]] = []
-            rows: list[int] = []
-            new_scores: list[float] = []
-            for rank, (value, flat) in enumerate(
-                zip(top.values.tolist(), top.indices.tolist(), strict=True)
-            ):
-                row, tok = divmod(int(flat), vocab)
-                if tok == self.m.eos_token_id:
-                    if rank < num_beams:
-                        finished.append((value / (len(seqs[row]) + 1), seqs[row]))
-                    continue
-                new_seqs.append([*seqs[row], tok])
-                rows.append(row)
-                new_scores.append(value)
-                if len(new_seqs) == num_beams:
-                    break
-            best_running = max(new_scores) / (step + 2)
-            if len(finished) >= num_beams and max(f[0] for f in finished) >= best_running:
-                break
-            seqs = new_seqs
-            scores = torch.tensor(new_scores, device=dev)
-            if step + 1 == max_new_tokens:
+        search = BeamSearch(num_beams, self.m.eos_token_id, max_new_tokens, dev)
+        while True:
+            self.suppress(logits, first=search.step == 0)
+            rows = search.advance(logits)
+            if rows is None:
                 break
             if cancelled():
                 raise DecodeCancelled
             cache.reorder_cache(torch.tensor(rows, dtype=torch.long, device=dev))
-            ids = torch.tensor([[s[-1]] for s in seqs], dtype=torch.long, device=dev)
+            ids = torch.tensor([[t] for t in search.last_tokens], dtype=torch.long, device=dev)
             logits = self.logits(ids, enc, cache)
-        for score, seq in zip(scores.tolist(), seqs, strict=True):
-            finished.append((score / max(len(seq), 1), seq))
-        best = max(finished, key=lambda f: f[0])[1]
-        cut = find_loop(best) if self.loop_guard else None
-        return (best, False) if cut is None else (best[:cut], True)
+        return search.best(self.loop_guard)
+
+    def suppress(self, logits: torch.Tensor, first: bool) -> None:
+        """Mask the tokens ``generate`` never emits (``first``: at the first new position)."""
+        if self._suppress.numel():
+            logits[:, self._suppress] = -float("inf")
+        if first and self._begin_suppress.numel():
+            logits[:, self._begin_suppress] = -float("inf")
 
     def run(self, req: DecodeRequest, cancelled: Callable[[], bool] = _never) -> DecodeResult:
         """Encode the window, prefill the prefix, decode; ``DecodeCancelled`` if superseded."""

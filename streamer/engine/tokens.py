@@ -87,3 +87,27 @@ class TokenPieces:
                 out.append(b"")
             prev = cur
         return out
+
+
+def find_loop(tokens: list[int], min_span: int = 16, max_period: int = 64) -> int | None:
+    """Index where a trailing repetition loop starts, or None.
+
+    A loop is the same n-gram repeated back to back at the end: one token six
+    times, or an n-gram (n <= ``max_period``) repeated until the repeats cover
+    ``min_span`` tokens (at least twice). Real speech repeats short phrases
+    ("New York, New York") but not a 16-token stretch; decoders that run past
+    the audio (a random model, Whisper on a shortened input) do. The index
+    returned keeps one occurrence of the repeated n-gram.
+    """
+    n_tok = len(tokens)
+    for period in range(1, min(max_period, n_tok // 2) + 1):
+        reps = 1
+        while (reps + 1) * period <= n_tok and (
+            tokens[n_tok - (reps + 1) * period : n_tok - reps * period]
+            == tokens[n_tok - period : n_tok]
+        ):
+            reps += 1
+        need = 6 if period == 1 else max(2, -(-min_span // period))
+        if reps >= need:
+            return n_tok - (reps - 1) * period
+    return None
