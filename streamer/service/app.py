@@ -349,10 +349,12 @@ class App:
         self._sink_subs: list[Subscription] = []
         self._signals = 0
         self.exit_code = 0
+        self._sources_open = False
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and self.engine.alive
+        """The model runs and every configured source is open (what /readyz reports)."""
+        return self._sources_open and self.engine is not None and self.engine.alive
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -539,6 +541,7 @@ class App:
             asyncio.create_task(runner.run(source.blocks()), name=f"source-{runner.stream}")
             for runner, source in opened
         ]
+        self._sources_open = True
         log.info("ready: %d source(s)", len(source_tasks))
         if self.mqtt is not None:  # the broker connection, in `systemctl status`
             self.systemd.add_status(self.mqtt.describe)

@@ -15,7 +15,6 @@ import itertools
 import json
 import re
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.frames import CloseCode
 
+from streamer.testing.net import free_port
+
 pytestmark = pytest.mark.slow
 
 MP3 = "common_voice_fr_17767732.mp3"
@@ -35,12 +36,6 @@ RUN_TIMEOUT = 120.0  # model load + a 4 s clip in real time on 2 busy cores
 EXIT_TIMEOUT = 30.0
 
 WireCheck = Callable[..., dict[str, Any]]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_config(tmp_path: Path, clip: Path, port: int, whisper_input: str = "padded") -> Path:

@@ -44,6 +44,7 @@ from streamer.config import (
 )
 from streamer.errors import EX_CONFIG
 from streamer.service.app import App
+from streamer.testing.net import free_port
 
 AUDIO = Path(__file__).resolve().parents[1] / "data" / "audio"
 TIMEOUT = 120.0  # only a hang reaches it: starts take seconds, 30 s on 2 very busy cores
@@ -77,12 +78,6 @@ sys.exit(main(sys.argv[1:]))
 """
 #: The CLI as it is.
 PLAIN = "import sys\nfrom streamer.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def probe(port: int, path: str) -> int | None:
@@ -333,11 +328,10 @@ enabled = false
     return config
 
 
-def never_ready(run: Exited, *, probe: bool = True) -> None:
-    """systemd never heard READY=1; with ``probe``, /readyz never answered 200 either."""
+def never_ready(run: Exited) -> None:
+    """systemd never heard READY=1, and /readyz never answered 200."""
     assert not any("READY=1" in m.splitlines() for m in run.notified), run.notified
-    if probe:
-        assert 200 not in run.readyz, run.readyz
+    assert 200 not in run.readyz, run.readyz
 
 
 async def test_out_of_memory_on_every_window_exits_non_zero(
@@ -435,6 +429,6 @@ async def test_required_microphone_missing_exits_78_before_ready(
     assert run.code == EX_CONFIG, run.stderr
     line = run.check_one_line_error(MIC_PROBLEM)
     assert line.startswith("streamer: error: "), line
-    # /readyz follows the engine, which runs before the microphone is opened: it may
-    # say 200 for a moment; systemd is told READY only once every source is open.
-    never_ready(run, probe=False)
+    # neither systemd (READY=1) nor /readyz: ready means the engine runs and every
+    # source is open, and the microphone never opened
+    never_ready(run)

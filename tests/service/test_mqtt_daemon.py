@@ -21,6 +21,7 @@ from typing import Any
 from streamer.config import MqttConfig
 from streamer.service.app import App
 from streamer.testing.mosquitto import Mosquitto, TcpGate
+from streamer.testing.net import free_port
 
 from ..sinks.test_mqtt import Recorder
 from .test_ingest import make_config, running, stream_clip
@@ -194,14 +195,6 @@ enabled = false
 """
     )
     return config
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def start_daemon(config: Path, env: dict[str, str]) -> asyncio.subprocess.Process:

@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import time
 import unicodedata
@@ -39,6 +38,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from streamer.sinks.caption_page import PAGE_FILES, add_page_routes
 from streamer.sinks.fanout import Fanout
 from streamer.sinks.websocket import AccessPolicy, CaptionServer
+from streamer.testing.net import free_port
 from streamer.types import Hypothesis
 
 REPO = Path(__file__).resolve().parents[2]
@@ -504,12 +504,6 @@ async def test_worklet_resamples_to_16k_int16(
 
 
 # -- c, d: the daemon ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def clip_reference(audio_dir: Path, name: str) -> str:
