@@ -149,6 +149,20 @@ def _from_pretrained(loader: Any, path: str, **kwargs: Any) -> Any:
         raise ModelLoadError(f"cannot load {path!r}{hint}: {first}") from exc
 
 
+def route_transformers_logs() -> None:
+    """Send transformers' log records through the root logger's handlers.
+
+    transformers puts its own plain stderr handler on the ``transformers``
+    logger and stops propagation, so its warnings would skip our format
+    (journal priority, JSON) and secret masking. Idempotent; the level of the
+    ``transformers`` logger is left as it is.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+
+
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Load a checkpoint for streaming inference; raises ``ModelLoadError``."""
     from transformers import (
@@ -160,6 +174,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a progress bar per load is noise in a daemon's log
+    route_transformers_logs()
     path = resolve_checkpoint(spec.id, spec.cache_dir)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)

@@ -1,5 +1,10 @@
 """Loading checkpoints of every family from disk through the one loader."""
 
+import json
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -118,3 +123,43 @@ def test_sed_target_language_picks_the_decoders_language_token(tmp_path):
     assert Decoder(m).start_tokens((), None) == [start, fr]
     de = load_model(ModelSpec(id=str(path), device="cpu", target_language="de"))
     assert de.extra["lang_token"] == m.tokenizer.convert_tokens_to_ids("de_DE")
+
+
+#: Logs a transformers warning before and after ``load_model`` ran (and failed:
+#: the hook runs before the checkpoint is looked for), our JSON format on stdout.
+TRANSFORMERS_LOGS = textwrap.dedent(
+    """
+    import sys
+    from transformers.utils import logging as hf_logging
+    from streamer.engine.loader import ModelSpec, load_model
+    from streamer.errors import ModelLoadError
+    from streamer.service.logs import setup_logging
+
+    setup_logging("info", "json", stream=sys.stdout)
+    hf_logging.get_logger("transformers.x").warning("before the hook")
+    try:
+        load_model(ModelSpec(id="/nonexistent/model", device="cpu"))
+    except ModelLoadError:
+        pass
+    hf_logging.get_logger("transformers.x").warning("after the hook password=%s", "hunter22")
+    """
+)
+
+
+def test_transformers_records_go_through_our_handler_once_a_model_loads():
+    done = subprocess.run(
+        [sys.executable, "-c", TRANSFORMERS_LOGS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    # before: transformers' own handler, its format, on the raw stderr
+    assert "[transformers] before the hook" in done.stderr
+    assert "after the hook" not in done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines() if "the hook" in line]
+    assert len(lines) == 1, done.stdout
+    (record,) = lines
+    assert record["logger"] == "transformers.x"
+    assert record["level"] == "warning"
+    assert record["message"] == "after the hook password=***"  # our secret filter ran
