@@ -18,6 +18,17 @@ TTY mode
     updated last. Partials longer than the terminal are cut at the left
     (``…``) so the line never wraps, which would break the rewrite.
 
+    A segment whose final text is empty ends without any event, so its last
+    partial would stay on the line as if someone were still speaking. A
+    partial therefore only lives until the next event of its stream that is
+    not a partial of the same segment: a partial of a later segment replaces
+    it, a final of its segment or a later one and a status event clear it (a
+    final of an *older* segment, decoded while the next one speaks, does
+    not). After a kept line, another stream's partial is redrawn only if that
+    stream spoke during the segment that just ended; a partial older than
+    that segment is most likely the dangling end of an empty final and is
+    dropped. The sink's end (and turning partials off) clears the line.
+
 Plain mode (pipes, files, ``journalctl``)
     No escape codes; one line per event. Partials start with ``~ `` so a
     reader (or ``grep -v '^~'``) can tell them apart; finals look as on a TTY::
@@ -33,6 +44,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from typing import TextIO
 
 from streamer.sinks.fanout import STATUS_KINDS, Subscription
@@ -69,6 +81,15 @@ def _stream_is_tty(out: TextIO) -> bool:
         return False
 
 
+@dataclass(slots=True)
+class _Live:
+    """The newest partial of a stream and when it (and its segment) arrived."""
+
+    event: Hypothesis
+    tick: int  # order of arrival among all events written
+    segment_tick: int  # arrival of the first partial of this segment
+
+
 class ConsoleSink:
     """Writes caption events to a text stream, rewriting partials on a TTY.
 
@@ -85,19 +106,31 @@ class ConsoleSink:
         width: int | None = None,
     ) -> None:
         self.out = out
-        self.partials = partials
+        # TTY mode: newest partial per stream (insertion order = update order)
+        # and whether the partial line holds text now.
+        self._live: dict[str, _Live] = {}
+        self._line_shown = False
+        self._tick = 0
+        self._partials = partials
         self.is_tty = _stream_is_tty(out) if is_tty is None else is_tty
         if color is None:
             color = self.is_tty and "NO_COLOR" not in os.environ
         self.color = color and self.is_tty
         self._width = width
-        # TTY mode: newest undelivered-to-final partial per stream (insertion
-        # order = update order) and whether the partial line holds text now.
-        self._live: dict[str, Hypothesis] = {}
-        self._line_shown = False
         self.lines = 0
 
     # -- public ----------------------------------------------------------------
+
+    @property
+    def partials(self) -> bool:
+        """Whether partials are shown; turning them off clears the partial line."""
+        return self._partials
+
+    @partials.setter
+    def partials(self, value: bool) -> None:
+        self._partials = value
+        if not value:
+            self.finish()  # no partial would come to replace the shown one
 
     @property
     def kinds(self) -> frozenset[str]:
@@ -116,6 +149,7 @@ class ConsoleSink:
 
     def write(self, event: Hypothesis) -> None:
         """Render one event (sync: console writes are small and line-buffered)."""
+        self._tick += 1
         if event.kind != "partial":
             self._write_final(event)
         elif self.partials:
@@ -136,12 +170,20 @@ class ConsoleSink:
             self._emit(line + "\n")
             self.lines += 1
             return
-        self._live.pop(event.stream, None)
+        own = self._live.get(event.stream)
+        cutoff = 0  # partials of other streams older than this are dangling
+        if own is not None and (event.kind != "final" or own.event.segment <= event.segment):
+            del self._live[event.stream]
+            if event.kind == "final" and own.event.segment == event.segment:
+                cutoff = own.segment_tick
+        for stream, live in list(self._live.items()):
+            if stream != event.stream and live.tick < cutoff:
+                del self._live[stream]
         text = (CLEAR_LINE if self._line_shown else "") + line + "\n"
         self._line_shown = False
-        if self._live:  # another stream still speaks: bring its partial back
+        if self._live:  # a stream still speaks: bring its partial back
             newest = next(reversed(self._live.values()))
-            text += self._partial_line(newest)
+            text += self._partial_line(newest.event)
             self._line_shown = True
         self._emit(text)
         self.lines += 1
@@ -152,9 +194,11 @@ class ConsoleSink:
                 self._emit(f"~ [{event.stream}] {event.text}\n")
                 self.lines += 1
             return
-        self._live.pop(event.stream, None)
+        old = self._live.pop(event.stream, None)
         if event.text:
-            self._live[event.stream] = event
+            same = old is not None and old.event.segment == event.segment
+            began = old.segment_tick if old is not None and same else self._tick
+            self._live[event.stream] = _Live(event, self._tick, began)
             self._emit(CLEAR_LINE + self._partial_line(event))
             self._line_shown = True
         elif self._line_shown:

@@ -21,11 +21,13 @@ class FlushCountingIO(io.StringIO):
         super().flush()
 
 
-def partial(committed: str, tentative: str, stream: str = "demo", seq: int = 0) -> Hypothesis:
+def partial(
+    committed: str, tentative: str, stream: str = "demo", seq: int = 0, segment: int = 0
+) -> Hypothesis:
     return Hypothesis(
         kind="partial",
         stream=stream,
-        segment=0,
+        segment=segment,
         seq=seq,
         text=committed + tentative,
         committed=committed,
@@ -35,10 +37,31 @@ def partial(committed: str, tentative: str, stream: str = "demo", seq: int = 0) 
     )
 
 
-def final(text: str, stream: str = "demo", start: float = 0.0, end: float = 4.2) -> Hypothesis:
+def final(
+    text: str, stream: str = "demo", start: float = 0.0, end: float = 4.2, segment: int = 0
+) -> Hypothesis:
     return Hypothesis(
-        kind="final", stream=stream, segment=0, seq=9, text=text, start=start, end=end
+        kind="final", stream=stream, segment=segment, seq=9, text=text, start=start, end=end
     )
+
+
+def lost(stream: str = "demo") -> Hypothesis:
+    return dataclasses.replace(
+        final("no audio for 1 s", stream=stream), kind="source_lost", start=7.5, end=7.5
+    )
+
+
+def tty(width: int = 80) -> tuple[io.StringIO, ConsoleSink]:
+    out = io.StringIO()
+    return out, ConsoleSink(out, is_tty=True, color=False, width=width)
+
+
+def take(out: io.StringIO) -> str:
+    """What was written since the last call."""
+    text = out.getvalue()
+    out.seek(0)
+    out.truncate()
+    return text
 
 
 def test_format_final_shows_stream_and_time_range() -> None:
@@ -83,12 +106,86 @@ def test_tty_redraws_other_streams_partial_after_a_final() -> None:
     sink = ConsoleSink(out, is_tty=True, color=False, width=80)
     sink.write(partial("left talk", "", stream="L"))
     sink.write(partial("right talk", "", stream="R"))
+    sink.write(partial("left talk goes on", "", stream="L"))  # both speak at once
     out.seek(0)
     out.truncate()
     sink.write(final("right done", stream="R"))
-    assert out.getvalue() == (f"{CLEAR_LINE}[R 0.0–4.2s] right done\n[L] left talk")
+    assert out.getvalue() == (f"{CLEAR_LINE}[R 0.0–4.2s] right done\n[L] left talk goes on")
     sink.finish()
     assert out.getvalue().endswith(CLEAR_LINE)  # dangling partial cleared at exit
+
+
+def test_tty_partial_of_an_empty_final_goes_with_the_next_event_of_its_stream() -> None:
+    # Segment 0's final was empty: the session sends nothing, "uh" dangles.
+    out, sink = tty()
+    sink.write(partial("uh", "", segment=0))
+    take(out)
+    sink.write(final("Next one.", segment=1))  # its partials never reached us
+    assert take(out) == f"{CLEAR_LINE}[demo 0.0–4.2s] Next one.\n"
+    sink.write(partial("um", "", segment=2))
+    sink.write(partial("Then", "", segment=3))
+    assert take(out) == f"{CLEAR_LINE}[demo] um{CLEAR_LINE}[demo] Then"
+    sink.write(lost())
+    assert take(out) == f"{CLEAR_LINE}[demo 7.5s] source lost: no audio for 1 s\n"
+    sink.finish()
+    assert take(out) == ""  # nothing left on the line to clear
+
+
+def test_tty_final_of_an_older_segment_keeps_the_newer_partial() -> None:
+    # Segment 0 is still being finalised while segment 1 already speaks.
+    out, sink = tty()
+    sink.write(partial("one", "", segment=0))
+    sink.write(partial("two", "", segment=1))
+    take(out)
+    sink.write(final("One.", segment=0))
+    assert take(out) == f"{CLEAR_LINE}[demo 0.0–4.2s] One.\n[demo] two"
+    sink.write(final("Two.", segment=1))
+    assert take(out) == f"{CLEAR_LINE}[demo 0.0–4.2s] Two.\n"
+
+
+def test_tty_dangling_partial_of_a_silent_stream_is_not_redrawn() -> None:
+    # L's segment 3 ended with an empty final; then only R speaks.
+    out, sink = tty()
+    sink.write(partial("left mumble", "", stream="L", segment=3))
+    for segment in (7, 8):
+        sink.write(partial("right talk", "", stream="R", segment=segment))
+        take(out)
+        sink.write(final("right done", stream="R", segment=segment))
+        assert take(out) == f"{CLEAR_LINE}[R 0.0–4.2s] right done\n"
+    sink.write(partial("left again", "", stream="L", segment=4))
+    assert take(out) == f"{CLEAR_LINE}[L] left again"
+
+
+def test_tty_status_event_clears_its_streams_partial_only() -> None:
+    out, sink = tty()
+    sink.write(partial("left talk", "", stream="L"))
+    sink.write(partial("right talk", "", stream="R"))
+    take(out)
+    sink.write(lost(stream="R"))
+    assert take(out) == f"{CLEAR_LINE}[R 7.5s] source lost: no audio for 1 s\n[L] left talk"
+    sink.write(lost(stream="L"))
+    assert take(out) == f"{CLEAR_LINE}[L 7.5s] source lost: no audio for 1 s\n"
+
+
+def test_tty_turning_partials_off_clears_the_partial_line() -> None:
+    out, sink = tty()
+    sink.write(partial("Hello", " wor"))
+    take(out)
+    sink.partials = False  # SIGHUP reload: no partial will replace it any more
+    assert take(out) == CLEAR_LINE
+    sink.write(final("Hello world."))
+    assert take(out) == "[demo 0.0–4.2s] Hello world.\n"
+
+
+async def test_tty_run_clears_a_dangling_partial_at_the_end() -> None:
+    fan = Fanout()
+    out, sink = tty()
+    sub = fan.subscribe(kinds=sink.kinds)
+    task = asyncio.create_task(sink.run(sub))
+    fan.publish(partial("uh", "", segment=0))  # an empty final follows: no event
+    fan.close_all("done")
+    await asyncio.wait_for(task, 2.0)
+    assert out.getvalue() == f"{CLEAR_LINE}[demo] uh{CLEAR_LINE}"
 
 
 def test_plain_mode_has_no_escape_codes() -> None:
