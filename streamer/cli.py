@@ -62,7 +62,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from streamer.audio.capture import format_devices, list_devices
+    from streamer.audio.devices import format_devices, list_devices
 
     print(format_devices(list_devices()))
     return 0
