@@ -19,9 +19,19 @@ latency) is at most ``--max-p95`` seconds (default 1.0, the issue's target);
 the report gives the largest sustained N of each and their ratio, ours /
 naive, from the same run. Results are written as JSON.
 
+``--compile`` runs ours with ``[engine] compile = true`` (the static KV cache
+and ``torch.compile``d decode step); ``--compile both`` runs every N without and
+with it (``ours`` and ``ours_compile``), and ``--no-naive`` skips the baseline.
+The compile runs report the static steps, the buckets compiled and the
+seconds their compilation took (inside the run: it delays the first windows).
+``--steps`` also times ``BatchRunner.step`` alone (N rows, no streaming), for
+the steady-state decode step with and without compile.
+
     .venv/bin/python tools/benchmark.py --model builtin:whisper-base --streams 1,2,4 \
         --seconds 40 --out results/benchmark-whisper-cpu.json
     .venv/bin/python tools/benchmark.py --model sed-base-random --streams 1,2 ...
+    .venv/bin/python tools/benchmark.py --streams 1,2 --seconds 20 --compile both \
+        --no-naive --out results/benchmark-whisper-base-cpu-compile.json
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import platform
 import sys
 import tempfile
@@ -129,6 +140,7 @@ async def run_ours(cfg: Any, seconds: float) -> dict[str, Any]:
                     lags.append(max(lag.values()))
 
     watcher = asyncio.create_task(watch())
+    load_before = os.getloadavg()[0]  # a shared machine: other work competes for the cores
     t0 = time.monotonic()
     code = await app.run()
     wall = time.monotonic() - t0
@@ -155,12 +167,35 @@ async def run_ours(cfg: Any, seconds: float) -> dict[str, Any]:
         "partials": len(partials),
         "max_lag_s": round(max(lags, default=0.0), 3),
         "failed_windows": stats.failed,
+        "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
-    for key in ("steps", "step_seconds", "max_step_seconds", "max_batch", "mean_batch"):
+    for key in (
+        "steps",
+        "step_seconds",
+        "max_step_seconds",
+        "max_batch",
+        "mean_batch",
+        "static_steps",
+        "compiled_shapes",
+        "compile_seconds",
+    ):
         if hasattr(stats, key):
             out[key] = getattr(stats, key)
     if getattr(stats, "steps", 0):
         out["mean_step_ms"] = round(1000 * stats.step_seconds / stats.steps, 2)
+    compiling = getattr(stats, "compile_seconds", 0.0)
+    if getattr(stats, "steps", 0) > 1 and compiling:
+        # the steady state: steps that did not compile a new shape bucket
+        out["mean_step_ms_without_compiles"] = round(
+            1000 * (stats.step_seconds - compiling) / stats.steps, 2
+        )
+    static = getattr(getattr(engine, "runner", None), "static", None)
+    if static is not None:
+        out["compiled_buckets"] = {
+            f"slots={s} length={n} frames={f}": round(t, 2)
+            for (s, n, f), t in static.compile_seconds.items()
+        }
+    out["compile"] = bool(cfg.engine.compile)
     return out
 
 
@@ -187,6 +222,64 @@ def ours_config(
         websocket=dataclasses.replace(base.websocket, enabled=False),
         console=dataclasses.replace(base.console, enabled=False),
     )
+
+
+# -- decode steps alone ------------------------------------------------------------------
+
+
+def run_steps(
+    model: str, device: str, dtype: str, counts: list[int], compile_on: bool, tokens: int = 48
+) -> dict[str, Any]:
+    """Time ``BatchRunner.step`` alone: N rows decoding ``tokens`` tokens each, 3 rounds.
+
+    EOS is suppressed so every round runs the same steps. The first step of
+    round 1 includes compiling its shape bucket; the median of rounds 2-3 is
+    the steady state.
+    """
+    import torch
+
+    from streamer.core.session import DecodeRequest
+    from streamer.engine.decoding import Decoder
+    from streamer.engine.loader import ModelSpec, load_model
+    from streamer.engine.runner import BatchRunner
+    from streamer.engine.scheduler import Job
+
+    spec = ModelSpec(id=model, device=device, dtype=dtype, source_language="en",
+                     target_language="en")  # fmt: skip
+    dec = Decoder(load_model(spec))
+    dec.loop_guard = False
+    eos = torch.tensor([dec.m.eos_token_id], device=dec.m.device)
+    dec._suppress = torch.cat([dec._suppress, eos])
+    audio = speech(12.0, 0)
+
+    def window(i: int, samples: np.ndarray, tokens: int) -> DecodeRequest:
+        return DecodeRequest(f"s{i}", i, "final", 0, samples, 0, len(samples), (), (), tokens, "en")
+
+    out: dict[str, Any] = {}
+    for n in counts:
+        runner = BatchRunner(dec, compile=compile_on)
+        rounds: list[list[float]] = []
+        for _ in range(3):
+            jobs = [Job(window(i, audio[: RATE * (4 + 2 * i)], tokens), 0.0) for i in range(n)]
+            times: list[float] = []
+            with torch.inference_mode():
+                runner.admit(jobs)
+                while runner.running:
+                    t0 = time.perf_counter()
+                    runner.step()
+                    times.append(time.perf_counter() - t0)
+            rounds.append(times)
+        steady = sorted(rounds[1] + rounds[2])
+        static = runner.static
+        out[str(n)] = {
+            "steps_per_round": len(rounds[0]),
+            "first_step_s": round(rounds[0][0], 3),
+            "median_step_ms": round(1000 * steady[len(steady) // 2], 2),
+            "mean_step_ms": round(1000 * sum(steady) / len(steady), 2),
+            "static_steps": static.steps if static is not None else 0,
+            "compile_s": round(sum(static.compile_seconds.values()), 2) if static else 0.0,
+        }
+    return out
 
 
 # -- naive ------------------------------------------------------------------------------
@@ -272,6 +365,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--naive", default="", help="stream counts for the naive loop")
     parser.add_argument("--chunk-s", type=float, default=1.0)
     parser.add_argument("--set", action="append", default=[], help="config override k=v")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="on",
+        default="off",
+        choices=("off", "on", "both"),
+        help="[engine] compile for ours: on, or both (each N without, then with)",
+    )
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
+    parser.add_argument(
+        "--steps",
+        action="store_true",
+        help="also time decode steps alone (N rows, no streaming), per --compile setting",
+    )
     parser.add_argument("--out", default="results/benchmark.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -286,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     model = resolve_model(args.model, cache)
     counts = [int(n) for n in args.streams.split(",") if n]
     naive_counts = [int(n) for n in (args.naive or args.streams).split(",") if n]
+    if args.no_naive:
+        naive_counts = []
+    runs = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     report: dict[str, Any] = {
         "model": args.model,
         "device": args.device,
@@ -293,20 +403,35 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_stream": args.seconds,
         "max_p95_s": args.max_p95,
         "machine": {"platform": platform.platform(), "processor": platform.processor()},
+        "compile": args.compile,
         "ours": {},
         "naive": {},
     }
+    if True in runs:
+        report["ours_compile" if False in runs else "ours"] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for n in counts:
             files = stream_files(n, args.seconds, folder)
-            base = load_config([], args.set)
-            cfg = ours_config(base, model, args.device, args.dtype, files, args.language)
-            res = asyncio.run(run_ours(cfg, args.seconds))
-            res.update(device_memory(args.device))
-            report["ours"][str(n)] = res
-            print(f"ours  N={n}: final p95 {res['final_latency_s'].get('p95')} s, "
-                  f"RTF {res['real_time_factor']}", flush=True)  # fmt: skip
+            for compile_on in runs:
+                sets = [*args.set, f"engine.compile={str(compile_on).lower()}"]
+                base = load_config([], sets)
+                cfg = ours_config(base, model, args.device, args.dtype, files, args.language)
+                res = asyncio.run(run_ours(cfg, args.seconds))
+                res.update(device_memory(args.device))
+                key = "ours_compile" if compile_on and False in runs else "ours"
+                report[key][str(n)] = res
+                print(f"{key} N={n}: final p95 {res['final_latency_s'].get('p95')} s, "
+                      f"RTF {res['real_time_factor']}", flush=True)  # fmt: skip
+                if compile_on and not res.get("static_steps"):
+                    log.warning("compile was asked but no step ran on the static path")
+        if args.steps:
+            report["decode_steps"] = {}
+            for compile_on in runs:
+                key = "compile" if compile_on else "dynamic"
+                res = run_steps(model, args.device, args.dtype, counts, compile_on)
+                report["decode_steps"][key] = res
+                print(f"steps {key}: {json.dumps(res)}", flush=True)
         for n in naive_counts:
             files = stream_files(n, args.seconds, folder)
             res = run_naive(model, args.device, args.dtype, files, args.chunk_s, 15.0)
@@ -316,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     naive_n = largest(report["naive"], "update_latency_s", args.max_p95)
     report["sustained"] = {
         "ours": ours_n,
+        **(
+            {"ours_compile": largest(report["ours_compile"], "final_latency_s", args.max_p95)}
+            if "ours_compile" in report
+            else {}
+        ),
         "naive": naive_n,
         "ratio": round(ours_n / naive_n, 2) if naive_n else None,
     }

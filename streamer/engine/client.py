@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from streamer.core.session import DecodeRequest, DecodeResult
 from streamer.engine.core import Engine
@@ -33,7 +34,9 @@ class EngineClient:
                 fut.set_result(result)
 
         def on_engine_thread(result: DecodeResult) -> None:
-            self.loop.call_soon_threadsafe(deliver, result)
+            # the loop may have closed (shutdown mid-step): nobody waits any more
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(deliver, result)
 
         self.engine.submit(req, on_engine_thread)
         return fut

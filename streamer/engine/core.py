@@ -7,7 +7,9 @@ waiting windows to admit and which sequences decode, and the
 :class:`BatchRunner` executes that on the device: admitted windows are encoded
 and prefilled in batches, then every running sequence decodes one token in
 one batched pass. Models the runner cannot batch (beam search, unknown
-families) run each admitted window alone through ``Decoder.run``.
+families) run each admitted window alone through ``Decoder.run``. With
+``compile=True`` the runner decodes through the compiled static-cache step
+(``static_decode.py``) where the model allows it.
 
 Failures: CUDA out of memory fails that step's windows (their streams get an
 error result for that window and go on); ``max_consecutive_oom`` failed steps
@@ -49,6 +51,9 @@ class EngineStats:
     max_step_seconds: float = 0.0
     max_batch: int = 0
     batch_rows: int = 0  # sum over steps of sequences decoded in the step
+    static_steps: int = 0  # decode passes of the static (``compile``) path
+    compiled_shapes: int = 0  # its shape buckets compiled so far
+    compile_seconds: float = 0.0  # wall time of their first (compiling) calls
 
     @property
     def real_time_factor(self) -> float:
@@ -90,11 +95,14 @@ class Engine:
         *,
         max_consecutive_oom: int = 5,
         limits: SchedulerLimits | None = None,
+        compile: bool = False,
     ) -> None:
         self.decoder = decoder
         self.sample_rate = decoder.m.sample_rate
         self.scheduler = Scheduler(limits)
-        self.runner = BatchRunner(decoder)
+        self.runner = BatchRunner(
+            decoder, compile=compile, max_rows=self.scheduler.limits.max_running
+        )
         self._inbox: queue.SimpleQueue[tuple[DecodeRequest, ResultCallback] | None] = (
             queue.SimpleQueue()
         )
@@ -205,11 +213,11 @@ class Engine:
         for job in plan.cancelled:
             self.cancelled_requests += 1
             self._fail(job, "cancelled")
-        self.runner.drop(plan.cancelled)
         for job in plan.admit:
             self.stats.audio_seconds += len(job.req.audio) / self.sample_rate
         rows = len(plan.decode) + len(plan.admit)
         try:
+            self.runner.drop(plan.cancelled)  # device work too: its errors count as the step's
             if self.runner.batchable:
                 self._batched(plan)
             else:
@@ -227,6 +235,11 @@ class Engine:
         stats.max_step_seconds = max(stats.max_step_seconds, spent)
         stats.max_batch = max(stats.max_batch, rows)
         stats.batch_rows += rows
+        static = self.runner.static
+        if static is not None:
+            stats.static_steps = static.steps
+            stats.compiled_shapes = len(static.compile_seconds)
+            stats.compile_seconds = sum(static.compile_seconds.values())
         self._lag = self.scheduler.lag(time.monotonic())
         self.heartbeat = time.monotonic()
 

@@ -21,6 +21,12 @@ same layers with one. Greedy only: beam search runs each window alone
 
 The tokens of a batched sequence equal those of decoding its window alone
 (``Decoder.run``), in fp32: tests check it for every model family.
+
+``compile=True`` (``[engine] compile``) moves the running rows of
+position-aware families into :class:`StaticDecoder` (``static_decode.py``):
+fixed slots of preallocated K/V buffers decoded by a ``torch.compile``d step;
+prefill stays on the dynamic path, and families the static step cannot serve
+keep the dynamic groups.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import torch
 from streamer.core.session import DecodeResult
 from streamer.engine.decoding import Decoder, EncodedWindow, find_loop
 from streamer.engine.scheduler import Job
+from streamer.engine.static_decode import StaticDecoder, make_static
 from streamer.engine.whisper_sed import DECODER_MODEL_TYPE
 
 __all__ = ["POSITION_AWARE_DECODERS", "BatchRunner"]
@@ -70,9 +77,22 @@ def _pad_time(x: torch.Tensor, dim: int, size: int, left: bool, value: float = 0
 
 
 class BatchRunner:
-    """Owns the running groups; called on the engine thread only."""
+    """Owns the running groups; called on the engine thread only.
 
-    def __init__(self, decoder: Decoder) -> None:
+    ``compile``: decode running rows through the compiled static step where the
+    model allows it; ``static`` (default: ``compile``) uses the static step
+    without compiling it when ``compile`` is off (tests); ``max_rows`` caps its
+    slots (the scheduler's ``max_running``).
+    """
+
+    def __init__(
+        self,
+        decoder: Decoder,
+        compile: bool = False,
+        *,
+        static: bool | None = None,
+        max_rows: int | None = None,
+    ) -> None:
         self.d = decoder
         self.m = decoder.m
         fam = self.m.family
@@ -84,10 +104,14 @@ class BatchRunner:
         self.batchable = fam in ("whisper", "sed", "speech2text") and decoder.num_beams == 1
         self.groups: list[_Group] = []
         self._pad_id = int(self.m.eos_token_id)
+        self.static: StaticDecoder | None = None
+        if (compile if static is None else static) and self.batchable:
+            self.static = make_static(decoder, compile=compile, max_rows=max_rows)
 
     @property
     def running(self) -> int:
-        return sum(len(g.jobs) for g in self.groups)
+        rows = sum(len(g.jobs) for g in self.groups)
+        return rows + (self.static.running if self.static is not None else 0)
 
     # -- admission ----------------------------------------------------------------
 
@@ -166,6 +190,9 @@ class BatchRunner:
 
     def _merge(self, new: _Group) -> None:
         """Add ``new``'s rows to a compatible group (or keep it as a group of its own)."""
+        if self.static is not None:
+            self.static.join(new.jobs, new.cache, new.mask, new.positions, new.enc_mask, new.last)
+            return
         for group in self.groups:
             if self.position_aware or group.length == new.length:
                 self.groups.remove(group)
@@ -193,27 +220,47 @@ class BatchRunner:
             group.positions = group.positions + 1
             done += self._advance(group, logits, first=False)
         self.groups = [g for g in self.groups if g.jobs]
+        if self.static is not None and self.static.running:
+            jobs, logits = self.static.step()
+            chosen, keep, finished = self._choose(jobs, logits, first=False)
+            self.static.advance(chosen, keep)
+            done += finished
         return done
 
     def drop(self, jobs: Iterable[Job]) -> None:
         """Remove rows (cancelled, or failed with their step)."""
+        jobs = list(jobs)
         gone = {id(j) for j in jobs}
         for group in self.groups:
             keep = [i for i, j in enumerate(group.jobs) if id(j) not in gone]
             if len(keep) != len(group.jobs):
                 _select(group, keep)
         self.groups = [g for g in self.groups if g.jobs]
+        if self.static is not None:
+            self.static.drop(jobs)
 
     def clear(self) -> list[Job]:
         """Forget every running row (after a failed step); returns them."""
         jobs = [j for g in self.groups for j in g.jobs]
         self.groups = []
+        if self.static is not None:
+            jobs += self.static.clear()
         return jobs
 
     def _advance(
         self, group: _Group, logits: torch.Tensor, first: bool
     ) -> list[tuple[Job, DecodeResult]]:
         """Choose each row's next token; finished rows leave the group."""
+        chosen, keep, done = self._choose(group.jobs, logits, first)
+        group.last = chosen
+        if len(keep) != len(group.jobs):
+            _select(group, keep)
+        return done
+
+    def _choose(
+        self, jobs: list[Job], logits: torch.Tensor, first: bool
+    ) -> tuple[torch.Tensor, list[int], list[tuple[Job, DecodeResult]]]:
+        """Each row's next token, the rows that go on, and the finished jobs' results."""
         d = self.d
         if d._suppress.numel():
             logits[:, d._suppress] = -float("inf")
@@ -222,7 +269,7 @@ class BatchRunner:
         chosen = torch.argmax(logits, dim=-1)
         keep: list[int] = []
         done: list[tuple[Job, DecodeResult]] = []
-        for row, (job, tok) in enumerate(zip(group.jobs, chosen.tolist(), strict=True)):
+        for row, (job, tok) in enumerate(zip(jobs, chosen.tolist(), strict=True)):
             finished = tok == self.m.eos_token_id
             if not finished:
                 job.tokens.append(int(tok))
@@ -236,10 +283,7 @@ class BatchRunner:
                 done.append((job, self.result(job)))
             else:
                 keep.append(row)
-        group.last = chosen
-        if len(keep) != len(group.jobs):
-            _select(group, keep)
-        return done
+        return chosen, keep, done
 
     def result(self, job: Job) -> DecodeResult:
         pieces = self.d.pieces.pieces(list(job.req.forced), job.tokens)

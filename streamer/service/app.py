@@ -131,7 +131,9 @@ def start_engine(cfg: Config) -> Engine:
         max_admit_samples=round(e.max_admit_audio_s * decoder.m.sample_rate),
         max_prefill_tokens=e.max_prefill_tokens,
     )
-    engine = Engine(decoder, max_consecutive_oom=e.max_consecutive_oom, limits=limits)
+    engine = Engine(
+        decoder, max_consecutive_oom=e.max_consecutive_oom, limits=limits, compile=e.compile
+    )
     engine.start()
     return engine
 
