@@ -6,8 +6,8 @@ facade hops to the loop). Every step, the pure :class:`Scheduler` decides which
 waiting windows to admit and which sequences decode, and the
 :class:`BatchRunner` executes that on the device: admitted windows are encoded
 and prefilled in batches, then every running sequence decodes one token in
-one batched pass. Models the runner cannot batch (beam search, unknown
-families) run each admitted window alone through ``Decoder.run``. With
+one batched pass (beam search: ``num_beams`` rows per window). Families the
+runner cannot batch run each admitted window alone through ``Decoder.run``. With
 ``compile=True`` the runner decodes through the compiled static-cache step
 (``static_decode.py``) where the model allows it.
 
@@ -252,7 +252,7 @@ class Engine:
             self._answer(job, result)
 
     def _alone(self, plan: StepPlan) -> None:
-        """Beam search / unbatchable models: each admitted window decoded on its own."""
+        """Families the runner cannot batch: each admitted window decoded on its own."""
         for job in plan.admit:
             try:
                 result = self.decoder.run(job.req, self._cancel_check(job))

@@ -16,8 +16,11 @@ Marian, Speech2Text) derive positions from the cache length, so they are
 grouped by length: every row of a group then has the same length, needs no
 padding, and the group advances in lock step. Whisper's decoder does not pass
 a cross-attention mask to its layers, so :func:`_whisper_decoder` runs the
-same layers with one. Greedy only: beam search runs each window alone
-(``Decoder.run``).
+same layers with one. Beam search (``num_beams`` = k > 1) gives each window
+k contiguous rows (its prefill repeated k times); after every pass each
+window's :class:`BeamSearch` picks its next beams and the rows are reordered
+to follow them (``batch_select_indices`` with repeats), so windows in beam
+search batch like greedy ones and choose the same tokens as ``Decoder.beam``.
 
 The tokens of a batched sequence equal those of decoding its window alone
 (``Decoder.run``), in fp32: tests check it for every model family.
@@ -38,6 +41,7 @@ from typing import Any
 import torch
 
 from streamer.core.session import DecodeResult
+from streamer.engine.beams import BeamSearch
 from streamer.engine.decoding import Decoder, EncodedWindow, find_loop
 from streamer.engine.scheduler import Job
 from streamer.engine.static_decode import StaticDecoder, make_static
@@ -101,7 +105,9 @@ class BatchRunner:
             self.position_aware = dec_type in POSITION_AWARE_DECODERS
         else:
             self.position_aware = fam == "whisper"
-        self.batchable = fam in ("whisper", "sed", "speech2text") and decoder.num_beams == 1
+        self.batchable = fam in ("whisper", "sed", "speech2text")
+        self.beams = decoder.num_beams
+        self._searches: dict[int, BeamSearch] = {}  # by id(job), beam search only
         self.groups: list[_Group] = []
         self._pad_id = int(self.m.eos_token_id)
         self.static: StaticDecoder | None = None
@@ -110,7 +116,8 @@ class BatchRunner:
 
     @property
     def running(self) -> int:
-        rows = sum(len(g.jobs) for g in self.groups)
+        """Windows being decoded (rows / ``beams`` in beam search)."""
+        rows = sum(len(g.jobs) for g in self.groups) // self.beams
         return rows + (self.static.running if self.static is not None else 0)
 
     # -- admission ----------------------------------------------------------------
@@ -145,6 +152,8 @@ class BatchRunner:
         done: list[tuple[Job, DecodeResult]] = []
         for batch in batches:
             group, logits = self._prefill(batch)
+            if self.beams > 1:
+                logits = self._expand(group, logits)
             done += self._advance(group, logits, first=True)
             if group.jobs:
                 self._merge(group)
@@ -174,6 +183,19 @@ class BatchRunner:
             last=ids[:, -1].clone(),
         )
         return group, logits
+
+    def _expand(self, group: _Group, logits: torch.Tensor) -> torch.Tensor:
+        """Beam search: k identical rows per window (its search starts from the first)."""
+        k = self.beams
+        group.cache.batch_repeat_interleave(k)
+        for name in ("mask", "positions", "enc", "enc_mask", "last"):
+            setattr(group, name, getattr(group, name).repeat_interleave(k, 0))
+        for job in group.jobs:
+            self._searches[id(job)] = BeamSearch(
+                k, self.m.eos_token_id, job.req.max_new_tokens, self.m.device
+            )
+        group.jobs = [job for job in group.jobs for _ in range(k)]
+        return logits.repeat_interleave(k, 0)
 
     def _stack_encoder(self, encs: list[EncodedWindow]) -> tuple[torch.Tensor, torch.Tensor]:
         frames = max(e.hidden.shape[1] for e in encs)
@@ -231,6 +253,8 @@ class BatchRunner:
         """Remove rows (cancelled, or failed with their step)."""
         jobs = list(jobs)
         gone = {id(j) for j in jobs}
+        for key in gone:
+            self._searches.pop(key, None)
         for group in self.groups:
             keep = [i for i, j in enumerate(group.jobs) if id(j) not in gone]
             if len(keep) != len(group.jobs):
@@ -241,8 +265,9 @@ class BatchRunner:
 
     def clear(self) -> list[Job]:
         """Forget every running row (after a failed step); returns them."""
-        jobs = [j for g in self.groups for j in g.jobs]
+        jobs = list({id(j): j for g in self.groups for j in g.jobs}.values())
         self.groups = []
+        self._searches.clear()
         if self.static is not None:
             jobs += self.static.clear()
         return jobs
@@ -251,10 +276,36 @@ class BatchRunner:
         self, group: _Group, logits: torch.Tensor, first: bool
     ) -> list[tuple[Job, DecodeResult]]:
         """Choose each row's next token; finished rows leave the group."""
+        if self.beams > 1:
+            return self._advance_beams(group, logits)
         chosen, keep, done = self._choose(group.jobs, logits, first)
         group.last = chosen
         if len(keep) != len(group.jobs):
             _select(group, keep)
+        return done
+
+    def _advance_beams(self, group: _Group, logits: torch.Tensor) -> list[tuple[Job, DecodeResult]]:
+        """Each window's search picks its next beams; rows follow them, finished ones leave."""
+        k = self.beams
+        rows: list[int] = []
+        last: list[int] = []
+        done: list[tuple[Job, DecodeResult]] = []
+        for base in range(0, len(group.jobs), k):
+            job = group.jobs[base]
+            search = self._searches[id(job)]
+            block = logits[base : base + k]
+            self.d.suppress(block, first=search.step == 0)
+            picked = search.advance(block)
+            if picked is None:
+                del self._searches[id(job)]
+                job.tokens, job.looped = search.best(self.d.loop_guard)
+                done.append((job, self.result(job)))
+                continue
+            rows += [base + r for r in picked]
+            last += search.last_tokens
+        _select(group, rows)
+        if rows:
+            group.last = torch.tensor(last, dtype=torch.long, device=group.mask.device)
         return done
 
     def _choose(

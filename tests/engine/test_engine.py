@@ -151,16 +151,21 @@ def test_a_newer_partial_replaces_a_waiting_one(decoder):
         eng.stop()
 
 
-def test_streams_are_batched_and_equal_to_alone(decoder):
-    reqs = [request(i, stream=f"s{i}", n=4 + i) for i in range(5)]
-    alone = {r.request_id: decoder.run(r).tokens for r in reqs}
-    eng = Engine(decoder)
-    results, done = collect(eng, reqs)  # all queued before the first step
-    eng.start()
+@pytest.mark.parametrize("beams", [1, 3])
+def test_streams_are_batched_and_equal_to_alone(decoder, beams):
+    decoder.num_beams = beams
     try:
-        assert done.wait(60)
-        assert {rid: r.tokens for rid, r in results.items()} == alone
-        assert eng.stats.max_batch == 5 and eng.stats.steps < sum(4 + i for i in range(5))
-        assert eng.lag() == {}  # nothing unfinished at the last step
+        reqs = [request(i, stream=f"s{i}", n=4 + i) for i in range(5)]
+        alone = {r.request_id: decoder.run(r).tokens for r in reqs}
+        eng = Engine(decoder)
+        results, done = collect(eng, reqs)  # all queued before the first step
+        eng.start()
+        try:
+            assert done.wait(60)
+            assert {rid: r.tokens for rid, r in results.items()} == alone
+            assert eng.stats.max_batch == 5 and eng.stats.steps < sum(4 + i for i in range(5))
+            assert eng.lag() == {}  # nothing unfinished at the last step
+        finally:
+            eng.stop()
     finally:
-        eng.stop()
+        decoder.num_beams = 1

@@ -151,3 +151,40 @@ def test_windows_of_different_lengths_share_an_encoder_pass(
         assert mixed  # trimmed Whisper: windows of one whole-second bucket
     else:
         assert not mixed and len(calls) == len(reqs)
+
+
+def test_beam_search_batched_equals_beam_search_alone(decoder: Decoder, clip: np.ndarray) -> None:
+    """k rows per window, reordered every step; windows join mid-flight and one is dropped."""
+    import torch
+
+    reqs = [dataclasses.replace(r, max_new_tokens=8) for r in requests(decoder, clip)[:6]]
+    decoder.num_beams = 3
+    try:
+        solo = {r.request_id: decoder.run(r) for r in reqs}
+        runner = BatchRunner(decoder)
+        assert runner.batchable and runner.beams == 3
+        jobs = [Job(r, 0.0) for r in reqs]
+        results = {}
+        rows_seen = []
+        with torch.inference_mode():
+            for job, result in runner.admit(jobs[:4]):
+                results[job.req.request_id] = result
+            rows_seen.append(sum(len(g.jobs) for g in runner.groups))
+            for job, result in runner.step():
+                results[job.req.request_id] = result
+            runner.drop([jobs[1]])
+            for job, result in runner.admit(jobs[4:]):
+                results[job.req.request_id] = result
+            while runner.running:
+                rows_seen.append(sum(len(g.jobs) for g in runner.groups))
+                for job, result in runner.step():
+                    results[job.req.request_id] = result
+        assert not runner._searches
+    finally:
+        decoder.num_beams = 1
+    assert set(results) == {0, 2, 3, 4, 5}
+    assert max(rows_seen) >= 9  # three windows or more decoding together, three rows each
+    for rid, got in results.items():
+        expected = solo[rid]
+        assert got.tokens == expected.tokens, rid
+        assert got.pieces == expected.pieces and got.lang == expected.lang
