@@ -129,6 +129,7 @@ async def run_ours(cfg: Any, seconds: float) -> dict[str, Any]:
 
     collector = asyncio.create_task(collect())
     lags: list[float] = []
+    backlogs: list[float] = []
 
     async def watch() -> None:
         while True:
@@ -138,6 +139,9 @@ async def run_ours(cfg: Any, seconds: float) -> dict[str, Any]:
                 lag = engine.lag()
                 if lag:
                     lags.append(max(lag.values()))
+            factory = getattr(app, "factory", None)
+            if factory is not None and factory.runners:
+                backlogs.append(max(r.backlog_seconds for r in factory.runners.values()))
 
     watcher = asyncio.create_task(watch())
     load_before = os.getloadavg()[0]  # a shared machine: other work competes for the cores
@@ -166,6 +170,10 @@ async def run_ours(cfg: Any, seconds: float) -> dict[str, Any]:
         "finals": len(finals),
         "partials": len(partials),
         "max_lag_s": round(max(lags, default=0.0), 3),
+        # backpressure: audio waiting for finals, time input was held, segments merged
+        "max_backlog_s": round(max(backlogs, default=0.0), 3),
+        "input_held_s": round(app.factory.held_seconds(), 3) if app.factory else None,
+        "segments_merged": app.factory.merged_segments() if app.factory else None,
         "failed_windows": stats.failed,
         "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
