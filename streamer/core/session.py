@@ -122,6 +122,7 @@ class _Segment:
     end: int | None = None  # last speech sample (exclusive) once closed
     window_end: int | None = None  # end of the final decode's window
     lang: str | None = None
+    shown: bool = False  # a partial of it was emitted
 
 
 class StreamSession:
@@ -384,8 +385,8 @@ class StreamSession:
             assert nxt.window_end is not None and nxt.end is not None
             if nxt.window_end - head.start > self.s.max_segment:
                 break
-            if nxt.lang is not None and nxt.lang != head.lang:
-                break
+            if (nxt.lang is not None and nxt.lang != head.lang) or nxt.shown:
+                break  # (a segment behind a pending final is never shown: no partials then)
             del self._closing[1]
             head.end, head.window_end = nxt.end, nxt.window_end
             merged += 1
@@ -427,6 +428,7 @@ class StreamSession:
         text = committed_text + tentative_text
         if not text.strip():
             return
+        seg.shown = True
         self._events.append(
             Hypothesis(
                 kind="partial",
@@ -450,8 +452,9 @@ class StreamSession:
         text, _ = complete_utf8(b"".join(pieces))
         text = text.strip()
         self._history.extend(tokens)
-        if not text:
+        if not text and not seg.shown:
             return
+        # An empty final after partials retracts them: the speech came to nothing.
         assert seg.end is not None
         self._events.append(
             Hypothesis(

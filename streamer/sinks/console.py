@@ -165,10 +165,13 @@ class ConsoleSink:
     # -- rendering ---------------------------------------------------------------
 
     def _write_final(self, event: Hypothesis) -> None:
+        # An empty final retracts its segment's partials: nothing to keep, the line clears.
+        kept = event.kind != "final" or bool(event.text)
         line = format_final(event)
         if not self.is_tty:
-            self._emit(line + "\n")
-            self.lines += 1
+            if kept:
+                self._emit(line + "\n")
+                self.lines += 1
             return
         own = self._live.get(event.stream)
         cutoff = 0  # partials of other streams older than this are dangling
@@ -179,14 +182,16 @@ class ConsoleSink:
         for stream, live in list(self._live.items()):
             if stream != event.stream and live.tick < cutoff:
                 del self._live[stream]
-        text = (CLEAR_LINE if self._line_shown else "") + line + "\n"
+        text = (CLEAR_LINE if self._line_shown else "") + (line + "\n" if kept else "")
         self._line_shown = False
         if self._live:  # a stream still speaks: bring its partial back
             newest = next(reversed(self._live.values()))
             text += self._partial_line(newest.event)
             self._line_shown = True
-        self._emit(text)
-        self.lines += 1
+        if text:
+            self._emit(text)
+        if kept:
+            self.lines += 1
 
     def _write_partial(self, event: Hypothesis) -> None:
         if not self.is_tty:

@@ -735,7 +735,7 @@ class MqttSink:
         await client.publish(
             s.topic(event.stream, event.kind), payload, qos=qos, properties=properties
         )
-        if s.hermes:
+        if s.hermes and event.text:  # an empty final (retracted partials) is no utterance
             topic = HERMES_FINAL_TOPIC if event.kind == "final" else HERMES_PARTIAL_TOPIC
             body = json.dumps(hermes_payload(event, s.hermes_site_id), ensure_ascii=False)
             await client.publish(topic, body, qos=qos, properties=properties)

@@ -423,3 +423,22 @@ def test_a_merged_final_keeps_the_language_of_each_segment():
     _, finals = answer_all(s, sent)
     assert [f.segment for f in finals] == [0, 1, 2]  # segment 2 not folded into 1's final
     assert [f.lang for f in finals] == [None, None, "de"]
+
+
+def test_an_empty_final_after_partials_retracts_them():
+    def model(req):
+        if req.kind == "final" or req.segment == 1:
+            return DecodeResult(req.request_id, (), ())  # it came to nothing
+        tok = 100 + req.request_id  # never the same twice: nothing is committed
+        return DecodeResult(req.request_id, (tok,), (f" uh{tok}".encode(),))
+
+    s = StreamSession("a", settings_())
+    audio = np.concatenate([speech(2), silence(1), speech(1), silence(1)])
+    events, requests = drive(s, audio, engine=model)
+    assert [e.kind for e in events if e.segment == 0][-1] == "final"
+    partials = [e for e in events if e.kind == "partial"]
+    finals = [e for e in events if e.kind == "final"]
+    assert partials and {p.segment for p in partials} == {0}
+    # the shown segment gets an empty final; the never-shown one gets nothing
+    assert [(f.segment, f.text) for f in finals] == [(0, "")]
+    assert [r.segment for r in requests if r.kind == "final"] == [0, 1]

@@ -235,3 +235,18 @@ async def test_run_prints_until_subscription_closes() -> None:
     await asyncio.wait_for(task, 2.0)
     # The partial was superseded by the final before the sink ran: never shown.
     assert out.getvalue() == "[demo 0.0–4.2s] one two three\n"
+
+
+def test_an_empty_final_retracts_its_partial_and_prints_nothing() -> None:
+    out, sink = tty()
+    sink.write(partial("", "uh", segment=4))
+    take(out)
+    sink.write(final("", segment=4))  # the speech came to nothing
+    assert take(out) == CLEAR_LINE and sink.lines == 0
+    sink.finish()
+    assert take(out) == ""  # the line is already clear
+    out = io.StringIO()
+    plain = ConsoleSink(out, is_tty=False)
+    plain.write(partial("", "uh", segment=4))
+    plain.write(final("", segment=4))
+    assert out.getvalue() == "~ [demo] uh\n" and plain.lines == 1

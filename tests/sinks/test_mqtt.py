@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -552,6 +553,15 @@ async def test_hermes_mode_publishes_rhasspy_payloads(mosquitto: Mosquitto) -> N
         assert json.loads(hf.payload) == hermes_payload(f, "kitchen")
         assert (hp.qos, hf.qos) == (0, 1)
         assert rec.on("streamer/mic0/final")[0].payload == wire_bytes(f)  # the usual topics too
+        # an empty final retracts partials: the usual topic carries it, Hermes does not
+        empty = dataclasses.replace(final(2), text="")
+        run.publish(empty, final(3))
+        await rec.wait_for(lambda: len(rec.on(HERMES_FINAL_TOPIC)) == 2, "second textCaptured")
+        await rec.wait_for(lambda: len(rec.on("streamer/mic0/final")) == 3, "three finals")
+        assert rec.on("streamer/mic0/final")[1].payload == wire_bytes(empty)
+        assert json.loads(rec.on(HERMES_FINAL_TOPIC)[1].payload) == hermes_payload(
+            final(3), "kitchen"
+        )
 
 
 async def test_shutdown_flushes_the_outbox_when_the_broker_returns(mosquitto: Mosquitto) -> None:
