@@ -313,10 +313,7 @@ class BatchRunner:
     ) -> tuple[torch.Tensor, list[int], list[tuple[Job, DecodeResult]]]:
         """Each row's next token, the rows that go on, and the finished jobs' results."""
         d = self.d
-        if d._suppress.numel():
-            logits[:, d._suppress] = -float("inf")
-        if first and d._begin_suppress.numel():
-            logits[:, d._begin_suppress] = -float("inf")
+        d.suppress(logits, first)
         chosen = torch.argmax(logits, dim=-1)
         keep: list[int] = []
         done: list[tuple[Job, DecodeResult]] = []

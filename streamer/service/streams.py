@@ -93,7 +93,7 @@ class StreamRunner:
         if not self._caught_up.is_set():
             held = self.clock()
             log.debug("stream %s: %.1f s of audio wait for finals; holding input back",
-                      self.stream, self.session.backlog / self.session.s.sample_rate)  # fmt: skip
+                      self.stream, self.backlog_seconds)  # fmt: skip
             await self._caught_up.wait()
             self.held_seconds += self.clock() - held
 
@@ -151,7 +151,7 @@ class StreamRunner:
         for event in self.session.events_received():
             self.publish(dataclasses.replace(event, latency_ms=self._latency_ms(event, now)))
         self._forget_arrivals()
-        if self.session.behind and not self.session.done:
+        if self.session.behind:  # (never once done: nothing waits for a final then)
             self._caught_up.clear()
         else:
             self._caught_up.set()
