@@ -9,8 +9,10 @@ CTranslate2 ``model.bin`` split in two files, plus ``config.json`` and
 tokenizer and feature extractor with ``save_pretrained`` into a cache folder, once.
 
 The cached folder is published atomically (built in a temporary folder next to
-it, then renamed) and carries a marker with the source checksum; an ``fcntl``
-lock makes concurrent callers wait for one conversion instead of racing.
+it, then renamed) and carries a marker with the source checksum and a manifest
+with every file's sha256 (``streamer.engine.cache_manifest``), checked on every
+use: a damaged cache is converted again. An ``fcntl`` lock makes concurrent
+callers wait for one conversion instead of racing.
 Weights are stored as float16 (the source precision, half the disk) while the
 config's ``dtype`` says float32, so a plain ``from_pretrained`` gives the CPU-safe
 fp32 model with exactly the source values.
@@ -43,6 +45,7 @@ from typing import Any
 
 import torch
 
+from streamer.engine.cache_manifest import verify_manifest, write_manifest
 from streamer.engine.ct2_format import CT2Model, read_ct2_model
 from streamer.errors import ConversionError, StreamerError
 
@@ -51,7 +54,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "whisper-base"
 MARKER_NAME = "streamer-conversion.json"
 # Bump when the produced checkpoint changes: older cached folders are rebuilt.
-CONVERSION_FORMAT = 1
+# 2: the folder carries a sha256 manifest (format 1 folders have none).
+CONVERSION_FORMAT = 2
 SOURCE_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
 SOURCE_SIZE = 145_217_532
 SAMPLE_RATE = 16_000
@@ -454,13 +458,19 @@ def _read_marker(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _is_complete(folder: Path) -> bool:
+def _is_complete(folder: Path, *, warn: bool = False) -> bool:
+    """A current conversion whose files match its manifest; ``warn`` logs damage once."""
     marker = _read_marker(folder)
-    return (
-        marker is not None
-        and marker.get("format") == CONVERSION_FORMAT
-        and marker.get("source_sha256") == SOURCE_SHA256
-    )
+    if marker is None:
+        if warn and folder.exists():
+            log.warning("cached %s has no readable %s; converting again", folder, MARKER_NAME)
+        return False
+    if marker.get("format") != CONVERSION_FORMAT or marker.get("source_sha256") != SOURCE_SHA256:
+        return False  # outdated: rebuilt without a warning
+    damage = verify_manifest(folder, required=True)
+    if damage is not None and warn:
+        log.warning("cached Whisper base is damaged: %s; converting again", damage)
+    return damage is None
 
 
 @contextlib.contextmanager
@@ -521,7 +531,7 @@ def ensure_whisper_base(cache_dir: Path, *, _source: CT2Source | None = None) ->
     except OSError as exc:
         raise ConversionError(f"cannot create cache folder {cache_dir}: {exc}") from exc
     with _exclusive_lock(cache_dir / f".{CHECKPOINT_NAME}.lock"):
-        if _is_complete(target):  # another process finished while we waited
+        if _is_complete(target, warn=True):  # another process finished while we waited
             return target
         try:
             _convert_locked(cache_dir, target, _source)
@@ -551,6 +561,7 @@ def _convert_locked(cache_dir: Path, target: Path, source: CT2Source | None) -> 
             "converted_at": datetime.datetime.now(datetime.UTC).isoformat(),
         }
         (tmp / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n", "utf-8")
+        write_manifest(tmp)
         _fix_modes(tmp, (tmp / MARKER_NAME).stat().st_mode & 0o777)
         _fsync(*tmp.iterdir(), tmp)
         _publish(tmp, target)

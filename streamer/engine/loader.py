@@ -120,6 +120,15 @@ def resolve_checkpoint(model_id: str, cache_dir: str = "") -> str:
     looks_local = path.is_absolute() or model_id.startswith(("./", "../", "~"))
     if looks_local and not path.is_dir():
         raise ModelLoadError(f"no such model folder: {path}")
+    if path.is_dir():  # a folder the converter wrote carries a manifest: check it
+        from streamer.engine.cache_manifest import verify_manifest
+        from streamer.engine.ct2_whisper import CHECKPOINT_NAME
+
+        damage = verify_manifest(path, required=False)
+        if damage is not None:
+            rebuild = f"python -m streamer.engine.ct2_whisper --cache-dir {path.parent}"
+            hint = f"rebuild it with: {rebuild}" if path.name == CHECKPOINT_NAME else "rebuild it"
+            raise ModelLoadError(f"damaged model folder: {damage}; {hint}")
     return model_id
 
 
@@ -143,9 +152,12 @@ def _from_pretrained(loader: Any, path: str, **kwargs: Any) -> Any:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         # streamer's own model types (whisper_sed): name the package instead of
         # transformers' list of several hundred known types
+        from streamer.engine.cache_manifest import check_safetensors_folder
         from streamer.engine.whisper_sed import unregistered_hint
 
         first = unregistered_hint(path) or first
+        if Path(path).is_dir() and (damage := check_safetensors_folder(Path(path))):
+            first = str(damage)  # safetensors names no file ("Error while deserializing")
         raise ModelLoadError(f"cannot load {path!r}{hint}: {first}") from exc
 
 

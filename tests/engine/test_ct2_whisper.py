@@ -7,8 +7,11 @@ the converter for a fake so they can probe locking, crashes and reuse cheaply.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -22,6 +25,7 @@ import soxr
 import torch
 
 from streamer.engine import ct2_whisper
+from streamer.engine.cache_manifest import MANIFEST_NAME, verify_manifest
 from streamer.engine.ct2_format import read_ct2_model
 from streamer.engine.ct2_whisper import (
     CHECKPOINT_NAME,
@@ -32,7 +36,8 @@ from streamer.engine.ct2_whisper import (
     locate_source,
     main,
 )
-from streamer.errors import ConversionError
+from streamer.engine.loader import resolve_checkpoint
+from streamer.errors import ConversionError, ModelLoadError
 
 AUDIO = Path(__file__).resolve().parents[1] / "data" / "audio"
 
@@ -84,6 +89,10 @@ def test_checkpoint_config_and_files(converted: Path) -> None:
 
     names = {p.name for p in converted.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", MARKER_NAME} <= names
+    assert MANIFEST_NAME in names
+    listed = json.loads((converted / MANIFEST_NAME).read_text())["files"]
+    assert set(listed) == names - {MANIFEST_NAME}  # every cached file, the marker too
+    assert verify_manifest(converted, required=True) is None
     assert {"tokenizer.json", "tokenizer_config.json", "processor_config.json"} <= names
     # nothing half-done left next to it
     assert sorted(p.name for p in converted.parent.iterdir()) == [
@@ -217,8 +226,10 @@ def test_second_call_is_a_noop(converted: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(ct2_whisper, "locate_source", forbidden)
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in converted.iterdir()}
     t0 = time.monotonic()
-    assert ensure_whisper_base(converted.parent) == converted
-    assert time.monotonic() - t0 < 0.5
+    assert ensure_whisper_base(converted.parent) == converted  # hashes every file
+    elapsed = time.monotonic() - t0
+    print(f"\ncached Whisper base verified in {elapsed:.3f} s")
+    assert elapsed < 0.5
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in converted.iterdir()}
     assert after == before
 
@@ -307,9 +318,9 @@ def test_concurrent_callers_convert_once(tmp_path: Path, monkeypatch: pytest.Mon
     cond = threading.Condition()
     real_is_complete = ct2_whisper._is_complete
 
-    def counting_is_complete(folder: Path) -> bool:
+    def counting_is_complete(folder: Path, *, warn: bool = False) -> bool:
         nonlocal checks
-        result = real_is_complete(folder)
+        result = real_is_complete(folder, warn=warn)
         with cond:
             checks += 1
             cond.notify_all()
@@ -362,6 +373,168 @@ def test_outdated_checkpoint_is_replaced(tmp_path: Path, monkeypatch: pytest.Mon
         f".{CHECKPOINT_NAME}.lock",
         CHECKPOINT_NAME,
     ]
+
+
+@pytest.mark.usefixtures("fast_source")
+def test_cache_without_a_manifest_is_rebuilt_quietly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A format 1 folder (converted before manifests existed) is outdated, not damaged."""
+    old = tmp_path / CHECKPOINT_NAME
+    old.mkdir()
+    (old / MARKER_NAME).write_text(json.dumps({"format": 1, "source_sha256": SOURCE_SHA256}))
+    (old / "model.safetensors").write_bytes(b"old")
+    calls: list[Path] = []
+    monkeypatch.setattr(ct2_whisper, "convert", _fake_convert(calls))
+    with caplog.at_level(logging.INFO, logger=ct2_whisper.__name__):
+        assert ensure_whisper_base(tmp_path) == old
+    assert len(calls) == 1
+    assert verify_manifest(old, required=True) is None
+    assert not _warnings(caplog)
+
+
+_WEIGHTS = bytes(range(256)) * 4096  # 1 MiB, recognisable
+
+
+def _weights_convert(calls: list[Path]):
+    def fake(source: object, out_dir: Path, *, verified_sha256: str | None = None) -> str:
+        calls.append(out_dir)
+        (out_dir / "model.safetensors").write_bytes(_WEIGHTS)
+        (out_dir / "config.json").write_text("{}")
+        return SOURCE_SHA256
+
+    return fake
+
+
+def _damage(path: Path, how: str) -> None:
+    """Random bytes over the middle (size unchanged), or cut the file in half."""
+    size = path.stat().st_size
+    if how == "truncated":
+        os.truncate(path, size // 2)
+        return
+    with open(path, "r+b") as fh:
+        fh.seek(size // 4)
+        fh.write(os.urandom(size // 2))
+    assert path.stat().st_size == size
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Warnings from streamer's loggers (transformers may propagate its own)."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name.startswith("streamer")
+    ]
+
+
+@pytest.mark.usefixtures("fast_source")
+@pytest.mark.parametrize("how", ["corrupted", "truncated"])
+def test_damaged_cache_is_converted_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    calls: list[Path] = []
+    monkeypatch.setattr(ct2_whisper, "convert", _weights_convert(calls))
+    path = ensure_whisper_base(tmp_path)
+    _damage(path / "model.safetensors", how)
+    with caplog.at_level(logging.INFO, logger=ct2_whisper.__name__):
+        assert ensure_whisper_base(tmp_path) == path
+    assert len(calls) == 2
+    (warning,) = _warnings(caplog)  # exactly one line, naming the file
+    assert "\n" not in warning
+    assert str(path / "model.safetensors") in warning
+    assert ("truncated" if how == "truncated" else "corrupt") in warning
+    assert (path / "model.safetensors").read_bytes() == _WEIGHTS
+    assert verify_manifest(path, required=True) is None
+    caplog.clear()
+    assert ensure_whisper_base(tmp_path) == path  # good again: no third conversion
+    assert len(calls) == 2 and not _warnings(caplog)
+
+
+@pytest.mark.usefixtures("fast_source")
+def test_damaged_manifest_is_converted_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[Path] = []
+    monkeypatch.setattr(ct2_whisper, "convert", _weights_convert(calls))
+    path = ensure_whisper_base(tmp_path)
+    (path / MANIFEST_NAME).unlink()
+    with caplog.at_level(logging.INFO, logger=ct2_whisper.__name__):
+        assert ensure_whisper_base(tmp_path) == path
+    assert len(calls) == 2
+    (warning,) = _warnings(caplog)
+    assert MANIFEST_NAME in warning and "missing" in warning
+    assert verify_manifest(path, required=True) is None
+
+
+def test_real_cache_with_20_mb_of_random_bytes_is_rebuilt(
+    converted: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The issue's case on the real conversion: same size, loads "fine", decodes "!"."""
+    cache = tmp_path / "cache"
+    shutil.copytree(converted, cache / CHECKPOINT_NAME)
+    weights = cache / CHECKPOINT_NAME / "model.safetensors"
+    good = json.loads((converted / MANIFEST_NAME).read_text())["files"]["model.safetensors"]
+    with open(weights, "r+b") as fh:
+        fh.seek(40 << 20)
+        fh.write(os.urandom(20 << 20))
+    with caplog.at_level(logging.INFO, logger=ct2_whisper.__name__):
+        assert ensure_whisper_base(cache) == cache / CHECKPOINT_NAME
+    (warning,) = _warnings(caplog)
+    assert str(weights) in warning and "corrupt" in warning
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == good["sha256"]
+
+
+@pytest.mark.usefixtures("fast_source")
+@pytest.mark.parametrize("how", ["corrupted", "truncated"])
+def test_damaged_user_folder_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A folder the converter's CLI wrote, used as ``model.id``: not rebuilt behind the user."""
+    calls: list[Path] = []
+    monkeypatch.setattr(ct2_whisper, "convert", _weights_convert(calls))
+    assert main(["--cache-dir", str(tmp_path)]) == 0
+    folder = tmp_path / CHECKPOINT_NAME
+    assert resolve_checkpoint(str(folder)) == str(folder)  # intact: loads
+    _damage(folder / "model.safetensors", how)
+    with pytest.raises(ModelLoadError) as err:
+        resolve_checkpoint(str(folder))
+    message = str(err.value)
+    assert "\n" not in message
+    assert str(folder / "model.safetensors") in message
+    assert ("truncated" if how == "truncated" else "corrupt") in message
+    assert f"--cache-dir {tmp_path}" in message  # how to rebuild it
+    assert len(calls) == 1
+
+
+@pytest.mark.usefixtures("fast_source")
+def test_cli_reports_a_damaged_user_folder_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Path] = []
+    monkeypatch.setattr(ct2_whisper, "convert", _weights_convert(calls))
+    folder = ensure_whisper_base(tmp_path)
+    _damage(folder / "model.safetensors", "corrupted")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "streamer",
+            "transcribe",
+            "--model",
+            str(folder),
+            str(AUDIO / "jfk.flac"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "model.safetensors" in lines[0] and "corrupt" in lines[0]
 
 
 # --------------------------------------------------------------------------- cli, paths

@@ -94,6 +94,43 @@ def test_corrupt_checkpoint_is_a_clear_error(checkpoints, tmp_path):
         load_model(ModelSpec(id=str(bad), device="cpu"))
 
 
+def test_truncated_safetensors_without_a_manifest_names_the_file(checkpoints, tmp_path):
+    """Any HF folder: not safetensors' bare "Error while deserializing header"."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoints["whisper"], bad)
+    weights = bad / "model.safetensors"
+    size = weights.stat().st_size
+    os.truncate(weights, size // 2)
+    with pytest.raises(ModelLoadError) as err:
+        load_model(ModelSpec(id=str(bad), device="cpu"))
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"{weights} is truncated ({size // 2} of {size} bytes)" in message
+    assert "deserializing" not in message
+
+
+def test_a_manifest_in_a_user_folder_is_checked(checkpoints, tmp_path):
+    import shutil
+
+    from streamer.engine.cache_manifest import write_manifest
+
+    folder = tmp_path / "mine"
+    shutil.copytree(checkpoints["whisper"], folder)
+    write_manifest(folder)
+    assert load_model(ModelSpec(id=str(folder), device="cpu")).family == "whisper"
+    weights = folder / "model.safetensors"
+    with open(weights, "r+b") as fh:  # same size: would load and decode garbage
+        fh.seek(weights.stat().st_size // 2)
+        fh.write(os.urandom(1000))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(ModelSpec(id=str(folder), device="cpu"))
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"{weights} is corrupt" in message
+
+
 def test_devices_and_dtypes():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type in {"cpu", "cuda"}
