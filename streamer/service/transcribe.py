@@ -9,43 +9,20 @@ stabilisation off.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
 from streamer.audio.resample import probe_audio
 from streamer.audio.sources import FileSource
 from streamer.config import Config
-from streamer.errors import StreamerError
 from streamer.service.app import StreamFactory, start_engine
+from streamer.service.output_file import output_file
 from streamer.sinks.jsonl import write_srt
 from streamer.types import Hypothesis
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def atomic_text_file(path: Path) -> Iterator[TextIO]:
-    """Write ``path`` through a temporary file renamed at the end.
-
-    A failed run (bad model, bad audio) leaves an existing file untouched.
-    """
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise StreamerError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            yield out
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 async def transcribe_files(
@@ -80,7 +57,7 @@ async def transcribe_files(
             await runner.run(source.blocks())
             await runner.wait_done()
             if fmt == "srt" and srt_dir is not None:
-                with atomic_text_file(srt_dir / f"{path.stem}.srt") as srt:
+                with output_file(srt_dir / f"{path.stem}.srt") as srt:
                     write_srt(finals, srt)
             elif fmt == "srt":
                 write_srt(finals, out)
