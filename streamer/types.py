@@ -53,12 +53,13 @@ class Hypothesis:
     lang: str | None = None
     latency_ms: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    run: str | None = None  # id of the daemon process that numbered it (None: offline)
 
     @classmethod
     def from_wire(cls, obj: dict[str, Any]) -> Hypothesis:
         """Parse a caption event (clients of the daemon); unknown keys go to ``extra``."""
         known = {"v", "type", "stream", "segment", "seq", "text", "committed", "tentative",
-                 "start", "end", "lang", "latency_ms"}  # fmt: skip
+                 "start", "end", "lang", "latency_ms", "run"}  # fmt: skip
         if obj.get("type") not in ("partial", "final"):
             raise ValueError(f"not a caption event: type {obj.get('type')!r}")
         return cls(
@@ -74,6 +75,7 @@ class Hypothesis:
             lang=obj.get("lang"),
             latency_ms=obj.get("latency_ms"),
             extra={k: v for k, v in obj.items() if k not in known},
+            run=None if obj.get("run") is None else str(obj["run"]),
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -86,6 +88,8 @@ class Hypothesis:
             "seq": self.seq,
             "text": self.text,
         }
+        if self.run is not None:
+            out["run"] = self.run
         if self.kind == "partial":
             out["committed"] = self.committed
             out["tentative"] = self.tentative

@@ -22,12 +22,22 @@ FINAL_KEYS = frozenset(
     {"v", "type", "stream", "segment", "seq", "text", "start", "end", "lang", "latency_ms"}
 )
 PARTIAL_KEYS = FINAL_KEYS | {"committed", "tentative"}
+#: Optional keys: the daemon's run id (``streamer transcribe`` has none).
+OPTIONAL_KEYS = frozenset({"run"})
 
 
 def _cache_dir() -> Path:
     from streamer.engine.ct2_whisper import default_cache_dir
 
     return default_cache_dir()
+
+
+@pytest.fixture(autouse=True)
+def _state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test's daemons (in process or not) keep their state (``seq.json``) in
+    a folder of the test's own, never in the user's ~/.local/state."""
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg-state")))
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +89,10 @@ def check_wire_event(event: Any, extra_keys: frozenset[str] = frozenset()) -> di
     kind = event.get("type")
     assert kind in ("partial", "final"), event
     expected = (PARTIAL_KEYS if kind == "partial" else FINAL_KEYS) | extra_keys
-    assert set(event) == expected, f"keys {sorted(event)} != {sorted(expected)}"
+    keys = set(event) - (OPTIONAL_KEYS - expected)
+    assert keys == expected, f"keys {sorted(event)} != {sorted(expected)}"
+    if "run" in event:
+        assert isinstance(event["run"], str) and len(event["run"]) == 16, event
     assert event["v"] == 1
     assert isinstance(event["stream"], str) and event["stream"]
     for key in ("segment", "seq"):

@@ -5,7 +5,10 @@ Topics (``prefix`` defaults to ``streamer``)::
     {prefix}/{stream}/partial   QoS partial_qos (0), not retained, MQTT 5 message expiry
     {prefix}/{stream}/final     QoS final_qos (1), not retained
     {prefix}/status             retained "online" after each connect; "offline" as the
-                                last will (unclean loss) and before a clean disconnect
+                                last will (unclean loss) and before a clean disconnect;
+                                on MQTT 5 each carries the user property ("run", run id)
+    {prefix}/status/run         retained run id of the daemon (random per process start),
+                                published before "online" (for MQTT 3.1.1 consumers too)
     hermes/asr/partialTextCaptured, hermes/asr/textCaptured   (optional Hermes mode)
 
 The payload is the WebSocket event, ``json.dumps(event.to_wire())`` (DESIGN.md
@@ -204,6 +207,11 @@ class MqttSettings:
     def status_topic(self) -> str:
         return f"{self.prefix}/status"
 
+    @property
+    def run_topic(self) -> str:
+        """Retained run id of the daemon (next to the status)."""
+        return f"{self.prefix}/status/run"
+
     def topic(self, stream: str, kind: str) -> str:
         """``{prefix}/{stream}/{kind}``; ``/ + #`` in a stream name become ``_``."""
         return f"{self.prefix}/{_TOPIC_UNSAFE.sub('_', stream) or '_'}/{kind}"
@@ -343,8 +351,15 @@ class MqttSink:
     for ``/metrics`` and ``/readyz``.
     """
 
-    def __init__(self, settings: MqttSettings, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        rng: random.Random | None = None,
+        run_id: str | None = None,
+    ) -> None:
         self.settings = settings
+        self.run_id = run_id  # the daemon's run id, next to the status (None: not published)
         self._rng = rng or random.Random()
         if settings.tls:
             self._tls_context()  # fail fast (ConfigError) on unreadable CA/cert/key files
@@ -530,7 +545,13 @@ class MqttSink:
             username=s.username or None,
             password=s.password,
             protocol=self._protocol(),
-            will=aiomqtt.Will(s.status_topic, STATUS_OFFLINE, qos=1, retain=True),
+            will=aiomqtt.Will(
+                s.status_topic,
+                STATUS_OFFLINE,
+                qos=1,
+                retain=True,
+                properties=self._run_property(PacketTypes.WILLMESSAGE),
+            ),
             keepalive=s.keepalive_s,
             timeout=s.timeout_s,
             tls_context=tls_context,
@@ -615,15 +636,17 @@ class MqttSink:
         started = time.monotonic()
         self._on_connected()
         try:
-            await client.publish(s.status_topic, STATUS_ONLINE, qos=1, retain=True)
+            if self.run_id is not None:
+                await client.publish(s.run_topic, self.run_id, qos=1, retain=True)
+            await self._publish_status(client, STATUS_ONLINE)
             await self._serve(client)
             client.timeout = _GOODBYE_TIMEOUT_S
-            await client.publish(s.status_topic, STATUS_OFFLINE, qos=1, retain=True)
+            await self._publish_status(client, STATUS_OFFLINE)
         except asyncio.CancelledError:
             # Flush timeout at shutdown: still leave "offline" behind, briefly.
             client.timeout = _GOODBYE_TIMEOUT_S
             with contextlib.suppress(aiomqtt.MqttError):
-                await client.publish(s.status_topic, STATUS_OFFLINE, qos=1, retain=True)
+                await self._publish_status(client, STATUS_OFFLINE)
             await self._close(client)
             raise
         except Exception as exc:
@@ -632,6 +655,19 @@ class MqttSink:
             raise _SessionEnded(cause, started) from exc
         await self._close(client)
         log.info("mqtt %s: disconnected (clean shutdown)", s.endpoint)
+
+    def _run_property(self, packet_type: int) -> Properties | None:
+        """MQTT 5 properties carrying the user property ("run", run id); None on 3.1.1."""
+        if self.run_id is None or self._use_v311:
+            return None
+        properties = Properties(packet_type)  # type: ignore[no-untyped-call]
+        properties.UserProperty = ("run", self.run_id)
+        return properties
+
+    async def _publish_status(self, client: aiomqtt.Client, status: str) -> None:
+        properties = self._run_property(PacketTypes.PUBLISH)
+        topic = self.settings.status_topic
+        await client.publish(topic, status, qos=1, retain=True, properties=properties)
 
     async def _close(self, client: aiomqtt.Client) -> None:
         self._on_disconnected()

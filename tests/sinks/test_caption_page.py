@@ -202,6 +202,7 @@ def ev(
     seq: int,
     text: str,
     committed: str = "",
+    run: str | None = None,
 ) -> Hypothesis:
     return Hypothesis(
         kind=kind,  # type: ignore[arg-type]
@@ -214,6 +215,7 @@ def ev(
         start=float(segment),
         end=float(segment) + 0.5,
         lang="en",
+        run=run,
     )
 
 
@@ -394,6 +396,28 @@ async def test_page_shows_partials_finals_and_reconnects(
         "After the restart.",
     ]
     assert state["streams"]["demo"]["partial"] is None
+
+
+async def test_page_starts_segments_over_when_the_run_changes(
+    browser: BrowserFactory, servers: list[CaptionServer]
+) -> None:
+    """A restarted daemon (a new ``run``) keeps ``seq`` rising but numbers segments
+    from 0 again: the new run's partial of segment 0 is shown, not taken as stale."""
+    fan, server = await page_server()
+    servers.append(server)
+    driver = await browser()
+    await asyncio.to_thread(driver.get, f"http://127.0.0.1:{server.port}/")
+    await wait_page(driver, lambda s: s["status"] == "live", "status live")
+    await until(lambda: fan.subscribers == 1, "the page's subscription")
+    fan.publish(ev("final", "demo", 0, 1, "Before the restart.", run="a" * 16))
+    fan.publish(ev("partial", "demo", 0, 1001, "After it", committed="After", run="b" * 16))
+    state = await wait_page(
+        driver,
+        lambda s: (s["streams"].get("demo") or {}).get("partial") is not None,
+        "the new run's partial",
+    )
+    assert state["streams"]["demo"]["finals"] == ["Before the restart."]
+    assert state["streams"]["demo"]["partial"]["seq"] == 1001
 
 
 async def test_page_authenticates_with_its_token(

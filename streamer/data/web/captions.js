@@ -100,6 +100,7 @@
       lastSeq: -Infinity,
       seen: new Map(), // seq -> fingerprint of the event, last SEQ_MEMORY events
       finalSegment: -Infinity, // newest segment that has its final
+      run: undefined, // the daemon's run id (events of a restarted daemon carry a new one)
     };
     streams.set(name, s);
     return s;
@@ -123,6 +124,14 @@
    * from the one seen under that seq, or is older than anything remembered.
    */
   function isNew(s, ev) {
+    if (typeof ev.run === "string" && ev.run !== s.run) {
+      // A restarted daemon (new run id): seq keeps rising, segments start over.
+      if (s.run !== undefined) {
+        s.finalSegment = -Infinity;
+        hidePartial(s);
+      }
+      s.run = ev.run;
+    }
     if (!Number.isInteger(ev.seq)) return true;
     if (ev.seq > s.lastSeq) {
       remember(s, ev);
