@@ -13,21 +13,28 @@ the caption page ``/``):
 anything else                                  404
 =============================================  ==================================
 
-Access (:class:`AccessPolicy`), checked before the upgrade for every
-WebSocket route and for routes registered with ``auth=True``: an ``Origin``
-outside the allow-list (the daemon's own origin, its caption page, is always
-allowed) answers 403; with a token configured, a wrong
-``Authorization: Bearer`` header answers 401. Browsers cannot set headers, so
-a WebSocket without the header is accepted and must authenticate with its
-first message (``/v1/captions``: ``{"type":"auth","token":…}``; ``/v1/stream``:
-the ``token`` of its start message) or is closed with 1008. Tokens are
-compared in constant time and never logged. Every refusal is reported to
-``on_reject(endpoint, reason)`` (the metrics).
+Access (:mod:`streamer.sinks.access`: Host, Origin, token, connection caps)
+is checked before the upgrade, for every WebSocket route and for routes
+registered with ``auth=True``; the Host check (DNS rebinding) for every
+route. WebSocket handlers of token-protected routes use two methods:
+
+- ``server.needs_auth_message(conn)``: True while a token is configured and
+  ``conn`` has not authenticated (no valid ``Authorization`` header, no
+  ``authenticated`` call); such a connection must send the token first
+  (``/v1/captions``: ``{"type":"auth","token":…}``; ``/v1/stream``: the
+  ``token`` of its start message).
+- ``server.authenticated(conn)``: call right after checking that token:
+  takes ``conn`` out of the unauthenticated pool and cancels its deadline
+  (otherwise the server closes it with 1008 "authentication timed out"
+  ``auth_timeout`` seconds after its request); idempotent. Count
+  per-endpoint slots (``max_streams``) only from here on, or before the
+  upgrade when ``needs_auth_message`` is False.
 
 Caption subscriptions: ``streams`` (comma-separated; all streams when absent)
 and ``kinds`` (``partial``, ``final``; both when absent). A malformed query,
 an unknown parameter or kind answers HTTP 400 before the upgrade; more than
-``max_subscribers`` open caption connections answer 503.
+``max_subscribers`` authenticated caption connections answer 503 (or, when
+the slots filled while the client authenticated, close 1013).
 
 Each connection owns a :class:`~streamer.sinks.fanout.Subscription` with
 ``queue_finals`` finals of room. A client that cannot keep up (its socket
@@ -46,7 +53,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import hmac
 import inspect
 import json
 import logging
@@ -61,9 +67,17 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from streamer.core.wire import parse_auth
 from streamer.errors import ProtocolError, StreamerError
+from streamer.sinks.access import (
+    REASON_AUTH_TIMEOUT,
+    AccessControl,
+    AccessPolicy,
+    RejectHook,
+)
+from streamer.sinks.access import peer as _peer
 from streamer.sinks.fanout import EVENT_KINDS, Fanout, Subscription
 
 __all__ = [
@@ -91,10 +105,6 @@ HttpProcess = Callable[[ServerConnection, Request], Response | Awaitable[Respons
 WsHandler = Callable[[ServerConnection], Awaitable[None]]
 
 
-#: Told about every refused connection: (endpoint, reason).
-RejectHook = Callable[[str, str], None]
-
-
 @dataclass(frozen=True, slots=True)
 class Route:
     """One path of the server: a pre-upgrade check and an optional WebSocket handler.
@@ -107,25 +117,6 @@ class Route:
     handler: WsHandler | None = None
     name: str = ""
     auth: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class AccessPolicy:
-    """Who may connect: a bearer token (None: anyone) and allowed Origins (empty: any)."""
-
-    token: str | None = None
-    allowed_origins: frozenset[str] = frozenset()
-    auth_timeout: float = 10.0
-
-    def __repr__(self) -> str:  # never show the token
-        shown = "set" if self.token else "none"
-        return f"AccessPolicy(token={shown}, allowed_origins={sorted(self.allowed_origins)})"
-
-    def token_matches(self, candidate: str | None) -> bool:
-        """Constant-time comparison; False when no token is configured or none given."""
-        if self.token is None or candidate is None:
-            return False
-        return hmac.compare_digest(candidate.encode(), self.token.encode())
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +162,9 @@ class CaptionServer:
     """Serves caption events from a :class:`Fanout` to WebSocket clients.
 
     ``ready`` answers ``/readyz`` (None: always ready). ``drain_timeout``
-    bounds each shutdown step in :meth:`close`.
+    bounds each shutdown step in :meth:`close`. ``max_connections`` caps open
+    TCP connections (None: from the file descriptor limit at :meth:`start`);
+    ``open_timeout`` bounds each opening handshake.
     """
 
     def __init__(
@@ -190,6 +183,8 @@ class CaptionServer:
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
         on_reject: RejectHook | None = None,
+        max_connections: int | None = None,
+        open_timeout: float = 5.0,
     ) -> None:
         self._fanout = fanout
         self.host = host
@@ -204,10 +199,18 @@ class CaptionServer:
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.on_reject = on_reject
-        self._authenticated: set[ServerConnection] = set()  # by Authorization header
+        self.open_timeout = open_timeout
+        self.guard = AccessControl(
+            self.access,
+            tls=ssl_context is not None,
+            on_reject=self.rejected,
+            on_expire=self._auth_expired,
+            max_connections=max_connections,
+        )
+        self._tasks: set[asyncio.Task[None]] = set()
         self._server: Server | None = None
         self._routes: dict[str, Route] = {}
-        # Caption connections from accepted request until connection lost.
+        # Authenticated caption connections, until connection lost.
         self._caption_conns: set[ServerConnection] = set()
         self._subs: set[Subscription] = set()
         self._closing = False
@@ -251,13 +254,34 @@ class CaptionServer:
                 log.exception("on_reject hook failed")
 
     def needs_auth_message(self, conn: ServerConnection) -> bool:
-        """A token is configured and this connection did not present it in a header."""
-        return self.access.token is not None and conn not in self._authenticated
+        """A token is configured and this connection has not authenticated yet."""
+        return self.guard.needs_auth_message(conn)
+
+    def authenticated(self, conn: ServerConnection) -> None:
+        """``conn`` showed the token: leave the unauthenticated pool, cancel its deadline."""
+        self.guard.authenticated(conn)
+
+    @property
+    def unauthenticated(self) -> int:
+        """WebSockets waiting to authenticate with their first message."""
+        return len(self.guard.pool)
+
+    @property
+    def connections(self) -> int:
+        """Open TCP connections (all routes, handshakes included)."""
+        return len(self.guard.gate)
 
     async def start(self) -> None:
         """Bind and start serving; raises StreamerError when the port is unavailable."""
         if self._server is not None:
             raise RuntimeError("CaptionServer already started")
+        guard = self.guard
+
+        class GatedConnection(ServerConnection):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                guard.connection_made(self)
+
         try:
             self._server = await serve(
                 self._dispatch,
@@ -269,13 +293,17 @@ class CaptionServer:
                 ping_interval=self.ping_interval or None,
                 ping_timeout=self.ping_timeout or None,
                 server_header=None,
+                open_timeout=self.open_timeout,
+                create_connection=GatedConnection,
             )
         except OSError as exc:
             raise StreamerError(
                 f"cannot listen on {self.host}:{self._port}: {exc.strerror or exc}"
             ) from exc
+        self.guard.bound([str(s.getsockname()[0]) for s in self._server.sockets], self.host)
         scheme = "wss" if self.ssl_context is not None else "ws"
-        log.info("caption server listening on %s://%s:%d", scheme, self.host, self.port)
+        log.info("caption server listening on %s://%s:%d (at most %d connections)",
+                 scheme, self.host, self.port, self.guard.gate.limit)  # fmt: skip
 
     @property
     def port(self) -> int:
@@ -293,7 +321,7 @@ class CaptionServer:
 
     @property
     def subscribers(self) -> int:
-        """Open caption connections (including ones still in their handshake)."""
+        """Caption connections holding a subscriber slot (authenticated ones)."""
         return len(self._caption_conns)
 
     async def close(
@@ -317,6 +345,7 @@ class CaptionServer:
 
     async def _shutdown(self, server: Server) -> None:
         code, reason = self._close_code, self._close_reason
+        self.guard.pool.clear()
         subs = list(self._subs)
         for sub in subs:
             sub.close(reason)
@@ -328,6 +357,8 @@ class CaptionServer:
             except TimeoutError:
                 log.warning("caption subscribers did not drain in %.1fs", self.drain_timeout)
         server.close(close_connections=True, code=code, reason=reason)
+        for conn in self.guard.gate.connections() - server.all_connections:
+            conn.transport.abort()  # not upgraded: no closing handshake to wait for
         try:
             async with asyncio.timeout(self.drain_timeout):
                 await server.wait_closed()
@@ -347,10 +378,15 @@ class CaptionServer:
 
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         route = self._routes.get(urlsplit(request.path).path)
+        websocket = route is not None and route.handler is not None
+        endpoint = route.name if route is not None and (websocket or route.auth) else None
+        refusal = self.guard.check_host(conn, request, endpoint)
+        if refusal is not None:
+            return refusal
         if route is None:
             return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
-        if route.handler is not None or route.auth:
-            refusal = self._check_access(conn, request, route)
+        if endpoint is not None:
+            refusal = self.guard.check(conn, request, endpoint, websocket)
             if refusal is not None:
                 return refusal
         result = route.process(conn, request)
@@ -359,6 +395,10 @@ class CaptionServer:
         if result is None and route.handler is None:
             log.error("route %s accepted a WebSocket but has no handler", request.path)
             return conn.respond(HTTPStatus.INTERNAL_SERVER_ERROR, "no handler\n")
+        if result is None:
+            self.guard.gate.busy(conn)  # a WebSocket now: never evicted for an idle socket
+        else:
+            self.guard.pool.release(conn)  # refused after all: no place to hold
         return result
 
     async def _dispatch(self, conn: ServerConnection) -> None:
@@ -369,47 +409,41 @@ class CaptionServer:
             return
         await route.handler(conn)
 
-    def _check_access(
-        self, conn: ServerConnection, request: Request, route: Route
-    ) -> Response | None:
-        """Origin allow-list and bearer header; None lets the request through."""
-        origins = self.access.allowed_origins
-        origin = request.headers.get("Origin")
-        own = f"{'https' if self.ssl_context else 'http'}://{request.headers.get('Host', '')}"
-        if origins and origin is not None and origin not in origins and origin != own:
-            self.rejected(route.name, "origin")
-            log.info("refused %s from %s: origin %r not allowed", route.name, _peer(conn), origin)
-            return conn.respond(HTTPStatus.FORBIDDEN, "origin not allowed\n")
-        if self.access.token is None:
-            return None
-        header = request.headers.get("Authorization")
-        if header is not None:
-            scheme, _, credential = header.partition(" ")
-            if scheme.lower() != "bearer" or not self.access.token_matches(credential.strip()):
-                self.rejected(route.name, "auth")
-                log.info("refused %s from %s: bad bearer token", route.name, _peer(conn))
-                return _unauthorized(conn)
-            self._authenticated.add(conn)
-            conn.connection_lost_waiter.add_done_callback(
-                lambda _: self._authenticated.discard(conn)
-            )
-            return None
-        if route.handler is None:  # plain HTTP has no first message to carry a token
-            self.rejected(route.name, "auth")
-            return _unauthorized(conn)
-        return None
+    def _auth_expired(self, conn: ServerConnection, endpoint: str) -> None:
+        """The pool's deadline: close a connection that did not authenticate in time."""
+        self.rejected(endpoint, REASON_AUTH_TIMEOUT)
+        log.info("closing %s from %s: authentication timed out", endpoint, _peer(conn))
+        if conn.protocol.state is not State.OPEN:
+            conn.transport.abort()
+            return
+
+        async def close() -> None:
+            try:
+                async with asyncio.timeout(2.0):  # a silent client gets no close_timeout
+                    await close_with_error(
+                        conn, CloseCode.POLICY_VIOLATION, "authentication timed out"
+                    )
+            except TimeoutError:
+                conn.transport.abort()
+
+        task = asyncio.create_task(close(), name=f"auth-timeout-{conn.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def authenticate_first_message(self, conn: ServerConnection, endpoint: str) -> bool:
         """Browser auth on ``/v1/captions``: the first message carries the token.
 
-        Closes the connection (1008) and returns False when it does not.
+        Closes the connection (1008) and returns False when it does not; the
+        pool's deadline closes a silent one (recv then raises ConnectionClosed).
         """
         try:
-            async with asyncio.timeout(self.access.auth_timeout):
+            async with asyncio.timeout(self.access.auth_timeout + 1.0):  # backstop only
                 message = await conn.recv()
         except TimeoutError:
-            self.rejected(endpoint, "auth")
+            self.rejected(endpoint, REASON_AUTH_TIMEOUT)
             await close_with_error(conn, CloseCode.POLICY_VIOLATION, "authentication timed out")
+            return False
+        except ConnectionClosed:
             return False
         try:
             if isinstance(message, bytes):
@@ -424,6 +458,7 @@ class CaptionServer:
             log.info("refused %s from %s: bad token", endpoint, _peer(conn))
             await close_with_error(conn, CloseCode.POLICY_VIOLATION, "authentication failed")
             return False
+        self.authenticated(conn)
         return True
 
     def _healthz(self, conn: ServerConnection, request: Request) -> Response:
@@ -449,7 +484,7 @@ class CaptionServer:
     # -- captions --------------------------------------------------------------------
 
     def _check_captions(self, conn: ServerConnection, request: Request) -> Response | None:
-        """Validate the query and reserve a subscriber slot before the upgrade."""
+        """Validate the query; reserve a subscriber slot if no auth message is due."""
         if self._closing:
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server shutting down\n")
         try:
@@ -457,14 +492,21 @@ class CaptionServer:
         except ValueError as exc:
             self.rejected("captions", "bad_request")
             return conn.respond(HTTPStatus.BAD_REQUEST, f"{exc}\n")
-        if len(self._caption_conns) >= self.max_subscribers:
+        full = len(self._caption_conns) >= self.max_subscribers
+        if full or (not self.needs_auth_message(conn) and not self._take_caption_slot(conn)):
             self.rejected("captions", "limit")
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many subscribers\n")
-        # The slot is held until the TCP connection is gone, whatever happens
-        # between here and the handler (a failed handshake never runs it).
+        return None
+
+    def _take_caption_slot(self, conn: ServerConnection) -> bool:
+        """Hold a subscriber slot until the TCP connection is gone; False when full."""
+        if conn in self._caption_conns:
+            return True
+        if len(self._caption_conns) >= self.max_subscribers:
+            return False
         self._caption_conns.add(conn)
         conn.connection_lost_waiter.add_done_callback(lambda _: self._caption_conns.discard(conn))
-        return None
+        return True
 
     async def _serve_captions(self, conn: ServerConnection) -> None:
         assert conn.request is not None
@@ -472,6 +514,10 @@ class CaptionServer:
         if self.needs_auth_message(conn) and not await self.authenticate_first_message(
             conn, "captions"
         ):
+            return
+        if not self._take_caption_slot(conn):  # the slots filled while it authenticated
+            self.rejected("captions", "limit")
+            await close_with_error(conn, CloseCode.TRY_AGAIN_LATER, "too many subscribers")
             return
         sub = self._fanout.subscribe(
             query.streams,
@@ -568,18 +614,3 @@ def http_response(
         ]
     )
     return Response(status.value, status.phrase, fields, body)
-
-
-def _unauthorized(conn: ServerConnection) -> Response:
-    response = conn.respond(HTTPStatus.UNAUTHORIZED, "authentication required\n")
-    response.headers["WWW-Authenticate"] = 'Bearer realm="streamer"'
-    return response
-
-
-def _peer(conn: ServerConnection) -> str:
-    addr = conn.remote_address
-    if isinstance(addr, Iterable) and not isinstance(addr, str):
-        parts = list(addr)
-        if len(parts) >= 2:
-            return f"{parts[0]}:{parts[1]}"
-    return str(addr)

@@ -184,6 +184,16 @@ def test_unit_settings_match_the_daemon() -> None:
     assert all(v.split(":", 1)[1] == r"\n" for v in unit_values("SetCredential"))
 
 
+def test_unit_raises_the_file_descriptor_limit() -> None:
+    """Each client is a descriptor: systemd's default soft limit (1024) is too few."""
+    from streamer.sinks.access import connection_limit
+
+    (value,) = unit_values("LimitNOFILE")
+    soft = int(value.partition(":")[0])
+    assert soft >= 65536
+    assert connection_limit(soft) >= 50_000  # what the server then admits at once
+
+
 def test_unit_credential_default_reads_as_no_token(tmp_path: Path) -> None:
     """The fallback credential (a lone newline) makes a config that asks for it fail closed."""
     from streamer.errors import ConfigError
