@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from streamer import __version__
-from streamer.config import Config, dump_toml, load_config
-from streamer.errors import ConfigError, StreamerError
+from streamer.config import Config, check_config, dump_toml, load_config
+from streamer.errors import EX_CONFIG, ConfigError, StreamerError
+from streamer.service.exposure import exposure_warnings
 from streamer.service.logs import configure_logging, report_error
 
 log = logging.getLogger("streamer")
@@ -46,7 +47,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_transcribe(args: argparse.Namespace) -> int:
     cfg = _config(args)
     configure_logging(cfg.logging, level_override=args.log_level or "warning")
-    from streamer.service.transcribe import atomic_text_file, transcribe_files
+    from streamer.service.output_file import output_file
+    from streamer.service.transcribe import transcribe_files
 
     files = [Path(f) for f in args.files]
     if args.format == "srt" and len(files) > 1:
@@ -55,9 +57,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
                 "an SRT file holds one recording: with several files, -o must name a folder"
             )
         return asyncio.run(transcribe_files(cfg, files, "srt", sys.stdout, Path(args.output)))
-    if args.output in (None, "-"):
-        return asyncio.run(transcribe_files(cfg, files, args.format, sys.stdout))
-    with atomic_text_file(Path(args.output)) as out:
+    with output_file(args.output or "-") as out:
         return asyncio.run(transcribe_files(cfg, files, args.format, out))
 
 
@@ -69,9 +69,20 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = load_config(args.files, args.set or [])
+    """Every error ``serve`` would meet short of loading weights, one line each."""
+    from streamer.config_checks import check_everything
+
+    report = check_config(args.files, args.set or [])
+    errors = [*report.errors, *check_everything(report)]
+    for error in errors:
+        report_error(str(error), exit_code=EX_CONFIG)
+    if errors:
+        return EX_CONFIG
+    cfg = report.config
     print(dump_toml(cfg), end="")
     print(f"# {', '.join(args.files) or 'defaults'}: valid", file=sys.stderr)
+    for warning in exposure_warnings(cfg):
+        print(f"# WARNING: {warning}", file=sys.stderr)
     return 0
 
 

@@ -9,6 +9,9 @@ and ``--set sources[N].key=v`` come last. Relative paths (source ``path``,
 (the working directory for ``--set``). Mistakes raise a ``ConfigError`` naming
 file, key and reason, with a "did you mean" hint: a daemon that silently
 ignores a misspelt key is worse than one that refuses to start.
+``check_config`` goes on after an error and returns every one (``streamer
+check-config``; ``streamer.config_checks`` adds the model's and the files'),
+``load_config`` raises the first.
 
 Sources are one ``SourceConfig`` class with the keys of both types; keys of the
 other type keep their defaults and are ignored, and setting one is an error.
@@ -138,7 +141,11 @@ class WebSocketConfig:
     ping_interval_s: float = _f(20.0, min=0.0)
     ping_timeout_s: float = _f(20.0, min=0.0)
     auth_token_file: str = _f("", path=True)
-    allowed_origins: str = _f("", items=r"https?://[^\s,/]+(:\d+)?")
+    allowed_origins: str = _f("", items=r"\*|https?://[^\s,/]+(:\d+)?")
+    server_names: str = _f("", items=r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+    max_unauthenticated: int = _f(16, min=1)
+    max_unauthenticated_per_address: int = _f(4, min=1)
+    auth_timeout_s: float = _f(5.0, gt=0.0)
     client_languages: str = _f("", items=f"auto|{_LANG}")
     client_tasks: str = _f("", items="transcribe|translate")
     tls_cert: str = _f("", path=True)
@@ -202,9 +209,11 @@ class LoggingConfig:
 
 @dataclass(frozen=True, slots=True)
 class ServiceConfig:
-    """Process lifetime."""
+    """Process lifetime and state."""
 
     keep_serving: bool = _f(False)
+    # seq reservations; "": $STATE_DIRECTORY, $XDG_STATE_HOME/streamer, ~/.local/state/streamer
+    state_dir: str = _f("", path=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +333,64 @@ class _Raw:
     sources: list[_RawSource] | None = None
 
 
+class ConfigErrors(ConfigError):
+    """Several errors at once; reads as the first (``errors`` holds them all)."""
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        first, more = errors[0], len(errors) - 1
+        hint = f" (and {more} more error(s): streamer check-config lists all)" if more else ""
+        super().__init__(first.reason + hint, file=first.file, key=first.key)
+        self.errors = tuple(errors)
+
+
+def raise_errors(errors: Sequence[ConfigError]) -> None:
+    """Raise the one error, or ``ConfigErrors`` for several; nothing for none."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors)
+
+
+@dataclass(slots=True)
+class _Problems:
+    """Errors found so far, and the keys (``section.key``, ``sources[N]``) they refused."""
+
+    errors: list[ConfigError] = field(default_factory=list)
+    refused: set[str] = field(default_factory=set)
+
+    def add(self, exc: ConfigError, *refused: str) -> None:
+        self.errors.append(exc)
+        self.refused.update(refused or ([exc.key] if exc.key else []))
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigReport:
+    """What ``check_config`` found: every error, and the configuration with each
+    refused value at its default (a broken source as a placeholder microphone)."""
+
+    config: Config
+    errors: tuple[ConfigError, ...]
+    refused: frozenset[str]
+    locate: Callable[[str], _Origin | None]
+
+    def ok(self, *keys: str) -> bool:
+        """Whether none of ``keys`` (nor its section or source) was refused."""
+        for key in keys:
+            head = key.partition(".")[0]
+            if {key, head, head.partition("[")[0]} & self.refused:
+                return False
+        return True
+
+    def error(self, reason: str, *keys: str) -> ConfigError | None:
+        """An error about ``keys`` (naming the first) from the file that set the
+        latest of them; None when one of them was refused already."""
+        if not self.ok(*keys):
+            return None
+        origins = [o for o in map(self.locate, keys) if o is not None]
+        latest = max(origins, key=lambda o: o.layer, default=None)
+        return ConfigError(reason, file=latest.label if latest else None, key=keys[0])
+
+
 def _read_toml(path: Path, label: str) -> dict[str, Any]:
     try:
         text = path.read_bytes().decode("utf-8")
@@ -337,24 +404,31 @@ def _read_toml(path: Path, label: str) -> dict[str, Any]:
         raise ConfigError(f"invalid TOML: {exc}", file=label) from exc
 
 
-def _merge_document(raw: _Raw, doc: Mapping[str, Any], origin: _Origin) -> None:
+def _merge_document(
+    raw: _Raw, doc: Mapping[str, Any], origin: _Origin, problems: _Problems
+) -> None:
     """Fold one parsed file into ``raw``; structural errors name the file."""
     for name, value in doc.items():
         if name == "sources":
-            raw.sources = _raw_sources(value, origin)
+            try:
+                raw.sources = _raw_sources(value, origin, problems)
+            except ConfigError as exc:
+                problems.add(exc)
         elif name in _SECTIONS:
             if not isinstance(value, dict):
-                raise _err(f"expected a table [{name}], got {_got(value)}", origin, name)
+                problems.add(_err(f"expected a table [{name}], got {_got(value)}", origin, name))
+                continue
             fields = _FIELDS[_SECTIONS[name]]
             for key, item in value.items():
                 if key not in fields:
-                    raise _unknown_key(name, key, fields, origin, f"{name}.{key}")
-                raw.sections[name][key] = (item, origin)
+                    problems.add(_unknown_key(name, key, fields, origin, f"{name}.{key}"))
+                else:
+                    raw.sections[name][key] = (item, origin)
         else:
-            raise _unknown_section(name, origin)
+            problems.add(_unknown_section(name, origin))
 
 
-def _raw_sources(value: object, origin: _Origin) -> list[_RawSource]:
+def _raw_sources(value: object, origin: _Origin, problems: _Problems) -> list[_RawSource]:
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
         raise _err(f"expected an array of tables [[sources]], got {_got(value)}", origin, "sources")
     fields = _FIELDS[SourceConfig]
@@ -362,8 +436,10 @@ def _raw_sources(value: object, origin: _Origin) -> list[_RawSource]:
     for index, table in enumerate(value):
         for key in table:
             if key not in fields:
-                raise _unknown_key("[[sources]]", key, fields, origin, f"sources[{index}].{key}")
-        result.append(_RawSource(origin, {k: (v, origin) for k, v in table.items()}))
+                full = f"sources[{index}].{key}"
+                problems.add(_unknown_key("[[sources]]", key, fields, origin, full))
+        values = {k: (v, origin) for k, v in table.items() if k in fields}
+        result.append(_RawSource(origin, values))
     return result
 
 
@@ -515,33 +591,46 @@ def _resolve_relative(value: str, base: Path) -> str:
     return os.path.normpath(path)
 
 
-def _build_section(cls: type[_T], values: Mapping[str, _Value], prefix: str) -> _T:
+def _build_section(
+    cls: type[_T], values: Mapping[str, _Value], prefix: str, problems: _Problems
+) -> _T:
     fields = _FIELDS[cls]
-    kwargs = {
-        key: _coerce(*fields[key], value, origin, f"{prefix}.{key}")
-        for key, (value, origin) in values.items()
-    }
+    kwargs = {}
+    for key, (value, origin) in values.items():
+        try:
+            kwargs[key] = _coerce(*fields[key], value, origin, f"{prefix}.{key}")
+        except ConfigError as exc:
+            problems.add(exc)
     return cls(**kwargs)
 
 
-def _build_source(index: int, raw: _RawSource, counters: dict[str, int]) -> SourceConfig:
+def _build_source(
+    index: int, raw: _RawSource, counters: dict[str, int], problems: _Problems
+) -> SourceConfig:
     fields = _FIELDS[SourceConfig]
     prefix = f"sources[{index}]"
-    if "type" not in raw.values:
-        raise _err(
-            'each [[sources]] table needs type = "file" or "microphone"',
-            raw.origin,
-            f"{prefix}.type",
-        )
-    type_value, type_origin = raw.values["type"]
-    kind = _coerce(*fields["type"], type_value, type_origin, f"{prefix}.type")
+    try:
+        if "type" not in raw.values:
+            raise _err(
+                'each [[sources]] table needs type = "file" or "microphone"',
+                raw.origin,
+                f"{prefix}.type",
+            )
+        type_value, type_origin = raw.values["type"]
+        kind = _coerce(*fields["type"], type_value, type_origin, f"{prefix}.type")
+    except ConfigError as exc:  # the other keys mean nothing without a type
+        problems.add(exc, prefix)
+        return SourceConfig(type="microphone", stream=prefix)  # a placeholder no rule sees
     kwargs: dict[str, Any] = {}
     for key, (value, origin) in raw.values.items():
         kinds = fields[key][0].metadata.get("kinds")
-        if kinds and kind not in kinds:
-            reason = f"{key!r} applies to {kinds[0]} sources only; this source has type {kind!r}"
-            raise _err(reason, origin, f"{prefix}.{key}")
-        kwargs[key] = _coerce(*fields[key], value, origin, f"{prefix}.{key}")
+        try:
+            if kinds and kind not in kinds:
+                reason = f"{key!r} applies to {kinds[0]} sources only"
+                raise _err(f"{reason}; this source has type {kind!r}", origin, f"{prefix}.{key}")
+            kwargs[key] = _coerce(*fields[key], value, origin, f"{prefix}.{key}")
+        except ConfigError as exc:
+            problems.add(exc)
     if "stream" not in kwargs:
         short = "mic" if kind == "microphone" else kind
         kwargs["stream"] = f"{short}{counters.get(kind, 0)}"
@@ -549,17 +638,19 @@ def _build_source(index: int, raw: _RawSource, counters: dict[str, int]) -> Sour
     return SourceConfig(**kwargs)
 
 
-def _build(raw: _Raw) -> Config:
+def _build(raw: _Raw, problems: _Problems) -> ConfigReport:
     sections = {
-        name: _build_section(cls, raw.sections[name], name) for name, cls in _SECTIONS.items()
+        name: _build_section(cls, raw.sections[name], name, problems)
+        for name, cls in _SECTIONS.items()
     }
     cfg = Config(**sections)
     if raw.sources is not None:
         counters: dict[str, int] = {}
-        sources = tuple(_build_source(i, s, counters) for i, s in enumerate(raw.sources))
+        sources = tuple(_build_source(i, s, counters, problems) for i, s in enumerate(raw.sources))
         cfg = dataclasses.replace(cfg, sources=sources)
-    _validate(cfg, _locator(raw))
-    return cfg
+    report = ConfigReport(cfg, (), frozenset(problems.refused), _locator(raw))
+    errors = (*problems.errors, *_validate(report))
+    return dataclasses.replace(report, errors=errors)
 
 
 def _locator(raw: _Raw) -> Callable[[str], _Origin | None]:
@@ -586,23 +677,29 @@ def validate_config(cfg: Config) -> None:
     origin = _Origin(None, Path.cwd(), 0)
     named = [(name, getattr(cfg, name)) for name in _SECTIONS]
     named += [(f"sources[{i}]", source) for i, source in enumerate(cfg.sources)]
+    problems = _Problems()
     for name, section in named:
         for key, (f, typ) in _FIELDS[type(section)].items():
-            _coerce(f, typ, getattr(section, key), origin, f"{name}.{key}")
-    _validate(cfg, lambda key: None)
+            try:
+                _coerce(f, typ, getattr(section, key), origin, f"{name}.{key}")
+            except ConfigError as exc:
+                problems.add(exc)
+    report = ConfigReport(cfg, (), frozenset(problems.refused), lambda key: None)
+    raise_errors([*problems.errors, *_validate(report)])
 
 
-def _validate(cfg: Config, locate: Callable[[str], _Origin | None]) -> None:
-    """Rules that span several keys; raises ``ConfigError``."""
+def _validate(report: ConfigReport) -> list[ConfigError]:
+    """Rules that span several keys (each skipped when one of its keys was refused)."""
+    cfg, found = report.config, []
 
-    def error(reason: str, *keys: str) -> ConfigError:
-        origins = [o for o in map(locate, keys) if o is not None]
-        latest = max(origins, key=lambda o: o.layer, default=None)
-        return ConfigError(reason, file=latest.label if latest else None, key=keys[0])
+    def problem(reason: str, *keys: str) -> None:
+        exc = report.error(reason, *keys)
+        if exc is not None:
+            found.append(exc)
 
     s = cfg.streaming
     if s.left_context_s + s.max_segment_s > s.max_window_s:
-        raise error(
+        problem(
             f"left_context_s + max_segment_s ({s.left_context_s:g} + {s.max_segment_s:g} s) "
             f"exceeds max_window_s ({s.max_window_s:g} s)",
             "streaming.max_segment_s",
@@ -610,7 +707,7 @@ def _validate(cfg: Config, locate: Callable[[str], _Origin | None]) -> None:
             "streaming.max_window_s",
         )
     if s.max_backlog_s < s.max_segment_s:
-        raise error(
+        problem(
             f"max_backlog_s ({s.max_backlog_s:g} s) is below max_segment_s "
             f"({s.max_segment_s:g} s): one long segment would hold the input back",
             "streaming.max_backlog_s",
@@ -618,22 +715,26 @@ def _validate(cfg: Config, locate: Callable[[str], _Origin | None]) -> None:
         )
     ws = cfg.websocket
     if bool(ws.tls_cert) != bool(ws.tls_key):
-        raise error(
-            "TLS needs both tls_cert and tls_key", "websocket.tls_cert", "websocket.tls_key"
-        )
+        problem("TLS needs both tls_cert and tls_key", "websocket.tls_cert", "websocket.tls_key")
     mq = cfg.mqtt
     if (mq.password or mq.password_file) and not mq.username:
-        raise error("a password needs a username", "mqtt.username", "mqtt.password")
+        problem(
+            "a password needs a username", "mqtt.username", "mqtt.password", "mqtt.password_file"
+        )
     for key in ("tls_ca", "tls_cert", "tls_key"):
         if getattr(mq, key) and not mq.tls:
-            raise error(f"{key} is set but tls = false", f"mqtt.{key}", "mqtt.tls")
+            problem(f"{key} is set but tls = false", f"mqtt.{key}", "mqtt.tls")
     if mq.reconnect_max_s < mq.reconnect_min_s:
-        raise error("reconnect_max_s is below reconnect_min_s", "mqtt.reconnect_max_s")
+        problem(
+            "reconnect_max_s is below reconnect_min_s",
+            "mqtt.reconnect_max_s",
+            "mqtt.reconnect_min_s",
+        )
     seen: dict[str, int] = {}
     for index, source in enumerate(cfg.sources):
         key = f"sources[{index}]"
         if source.stream in seen:
-            raise error(
+            problem(
                 f"duplicate stream id {source.stream!r} (also sources[{seen[source.stream]}])",
                 f"{key}.stream",
             )
@@ -643,25 +744,49 @@ def _validate(cfg: Config, locate: Callable[[str], _Origin | None]) -> None:
         try:
             path = resolve_audio_path(source.path)
         except ConfigError as exc:
-            raise error(exc.reason, f"{key}.path") from None
+            problem(exc.reason, f"{key}.path")
+            continue
         if not path.is_file():
-            raise error(f"no such audio file: {path}", f"{key}.path")
+            problem(f"no such audio file: {path}", f"{key}.path")
+    return found
 
 
 # ---------------------------------------------------------------- public entry points
 
 
 def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
-    """Merge ``paths`` in order over the defaults, then ``overrides``; validate."""
-    raw = _Raw()
+    """Merge ``paths`` in order over the defaults, then ``overrides``; validate.
+
+    Raises the first error found (``ConfigErrors``, which reads as the first,
+    when there are several)."""
+    report = check_config(paths, overrides)
+    raise_errors(report.errors)
+    return report.config
+
+
+def check_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> ConfigReport:
+    """``load_config`` that goes on after an error: every error, in file order.
+
+    A file that cannot be read or parsed adds nothing; a refused value keeps
+    its default, and the rules about several keys skip keys that were refused.
+    """
+    raw, problems = _Raw(), _Problems()
     for layer, path in enumerate(paths):
         path = Path(path)
         origin = _Origin(str(path), path.absolute().parent, layer)
-        _merge_document(raw, _read_toml(path, str(path)), origin)
+        try:
+            doc = _read_toml(path, str(path))
+        except ConfigError as exc:
+            problems.add(exc)
+            continue
+        _merge_document(raw, doc, origin, problems)
     set_origin = _Origin("--set", Path.cwd(), len(paths))
     for text in overrides:
-        _apply_override(raw, text, set_origin)
-    return _build(raw)
+        try:
+            _apply_override(raw, text, set_origin)
+        except ConfigError as exc:
+            problems.add(exc)
+    return _build(raw, problems)
 
 
 def replace_section(cfg: Config, section: str, **changes: Any) -> Config:

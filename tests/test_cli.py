@@ -14,6 +14,7 @@ import json
 import os
 import re
 import socket
+import stat
 import subprocess
 import sys
 import tomllib
@@ -130,6 +131,45 @@ def test_check_config_bad_file_is_one_line(
     assert str(path) in line
     for needle in needles:
         assert needle in line, (needle, line)
+
+
+def test_check_config_lists_every_error_one_line_each(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(
+        '[model]\nidd = "x"\ntarget_language = "de"\n\n[streaming]\nchunk_ms = "fast"\n\n'
+        '[websocket]\nclient_languages = "fr,xx"\nauth_token_file = "missing-token"\n',
+        encoding="utf-8",
+    )
+    proc = run_cli("check-config", path, env=cli_env)
+    assert proc.returncode == EX_CONFIG
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert all(line.startswith(f"streamer: error: {path}: ") for line in lines), lines
+    keys = [line.removeprefix(f"streamer: error: {path}: ").split(":")[0] for line in lines]
+    assert keys == [
+        "model.idd",
+        "streaming.chunk_ms",
+        "model.target_language",
+        "websocket.client_languages",
+        "websocket.auth_token_file",
+    ]
+    assert "Whisper translates only into English" in lines[2]
+    # serve stops at the first error, and says there are more
+    proc = run_cli("serve", "-c", path, env=cli_env)
+    assert proc.returncode == EX_CONFIG
+    line = only_line(proc.stderr)
+    assert f"{path}: model.idd: unknown key" in line and "and 1 more error(s)" in line
+
+
+def test_check_config_refuses_whisper_into_german(cli_env: dict[str, str]) -> None:
+    """serve exits 78 with this after loading the model; check-config knows it before."""
+    proc = run_cli("check-config", "--set", 'model.target_language="de"', env=cli_env)
+    assert proc.returncode == EX_CONFIG
+    assert proc.stdout == ""
+    line = only_line(proc.stderr)
+    assert "--set: model.target_language: Whisper translates only into English" in line
 
 
 def test_check_config_missing_file(tmp_path: Path, cli_env: dict[str, str]) -> None:
@@ -316,6 +356,29 @@ def test_transcribe_output_folder_missing(
     assert proc.returncode != 0
     line = error_line(proc.stderr)
     assert str(out) in line
+
+
+def test_transcribe_output_through_a_symlink_and_to_dev_null(
+    tiny_whisper: Path, tmp_path: Path, audio_dir: Path, cli_env: dict[str, str]
+) -> None:
+    """``-o`` writes a symlink's target (mode kept, link kept) and leaves /dev/null a device."""
+    real = tmp_path / "captions.txt"
+    real.write_text("old\n", encoding="utf-8")
+    real.chmod(0o640)
+    link = tmp_path / "latest.txt"
+    link.symlink_to(real)
+    args = ["transcribe", "--model", tiny_whisper, "--device", "cpu", "--format", "text"]
+    args += ["--source-language", "en", "--target-language", "en", audio_dir / MP3]
+    proc = run_cli(*args, "-o", link, env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    assert link.is_symlink() and link.resolve() == real
+    assert real.read_text(encoding="utf-8") != "old\n"  # the random model's lines, maybe none
+    assert os.stat(real).st_mode & 0o7777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.txt", "latest.txt"]
+    proc = run_cli(*args, "-o", "/dev/null", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_ISCHR(os.lstat("/dev/null").st_mode)
 
 
 # ---------------------------------------------------------------- serve

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from streamer.config import (
     Config,
+    ConfigErrors,
     ConsoleConfig,
     JsonlConfig,
     LoggingConfig,
@@ -22,6 +23,7 @@ from streamer.config import (
     StreamingConfig,
     VadConfig,
     WebSocketConfig,
+    check_config,
     config_to_dict,
     default_config,
     dump_toml,
@@ -677,3 +679,99 @@ def test_list_keys_are_normalised(tmp_path):
     path.write_text('[websocket]\nclient_languages = " fr, de ,,en"\n')
     cfg = load_config([path])
     assert cfg.websocket.client_languages == "fr,de,en"
+
+
+# ---------------------------------------------------------------- every error at once
+
+SEVERAL_ERRORS = """\
+[model]
+idd = "x"
+dtype = "fp64"
+
+[streaming]
+chunk_ms = "fast"
+left_context_s = 10.0
+max_segment_s = 25.0
+
+[websocket]
+port = 70000
+
+[[sources]]
+type = "file"
+path = "missing.wav"
+pace = "slow"
+"""
+
+
+def test_check_config_lists_every_independent_error(tmp_path):
+    path = write(tmp_path, SEVERAL_ERRORS)
+    report = check_config([path], ["vad.treshold=0.3", "engine.max_running=0"])
+    keys = [e.key for e in report.errors]
+    assert keys == [
+        "model.idd",  # unknown keys first, as the file is read
+        "vad.treshold",  # then --set
+        "model.dtype",  # then values, section by section
+        "streaming.chunk_ms",
+        "engine.max_running",
+        "websocket.port",
+        "sources[0].pace",
+        "streaming.max_segment_s",  # then the rules across keys
+        "sources[0].path",
+    ]
+    files = [e.file for e in report.errors]
+    assert files == [str(path), "--set", str(path), str(path), "--set", *[str(path)] * 4]
+    assert "did you mean 'threshold'" in str(report.errors[1])
+    assert "no such audio file" in str(report.errors[-1])
+    # load_config still raises: the first error, saying how many more there are
+    with pytest.raises(ConfigErrors) as info:
+        load_config([path], ["vad.treshold=0.3", "engine.max_running=0"])
+    assert info.value.key == "model.idd" and info.value.file == str(path)
+    assert len(info.value.errors) == 9 and "and 8 more error(s)" in str(info.value)
+    assert info.value.exit_code == EX_CONFIG
+
+
+def test_one_error_is_raised_as_before(tmp_path):
+    path = write(tmp_path, '[model]\nidd = "x"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config([path])
+    assert type(info.value) is ConfigError and "more error" not in str(info.value)
+
+
+def test_a_refused_value_does_not_trigger_rules_about_it(tmp_path):
+    """max_segment_s refused: no window or backlog rule about its default stand-in."""
+    text = '[streaming]\nmax_segment_s = "long"\nmax_window_s = 10.0\nmax_backlog_s = 5.0\n'
+    report = check_config([write(tmp_path, text)])
+    assert [e.key for e in report.errors] == ["streaming.max_segment_s"]
+    assert report.refused == {"streaming.max_segment_s"}
+    assert not report.ok("streaming.max_segment_s") and report.ok("streaming.chunk_ms")
+
+
+def test_a_source_without_type_does_not_hide_the_others(tmp_path):
+    text = '[[sources]]\npath = "a.wav"\n\n[[sources]]\ntype = "file"\npath = "b.wav"\n'
+    report = check_config([write(tmp_path, text)])
+    assert [e.key for e in report.errors] == ["sources[0].type", "sources[1].path"]
+    assert not report.ok("sources[0].path") and report.ok("sources[1].path")
+
+
+def test_an_unreadable_file_does_not_hide_the_next(tmp_path):
+    bad = write(tmp_path, "[model\n", "bad.toml")
+    good = write(tmp_path, "[streaming]\nchunk_ms = 5\n", "next.toml")
+    report = check_config([bad, tmp_path / "missing.toml", good])
+    assert [(e.file, e.key) for e in report.errors] == [
+        (str(bad), None),
+        (str(tmp_path / "missing.toml"), None),
+        (str(good), "streaming.chunk_ms"),
+    ]
+
+
+def test_a_good_config_has_no_errors():
+    report = check_config([DEFAULT_TOML])
+    assert report.errors == () and report.refused == frozenset()
+    assert report.config == load_config([DEFAULT_TOML])
+
+
+def test_validate_config_reports_every_error():
+    bad = Config(streaming=StreamingConfig(chunk_ms=5, min_tokens=0))
+    with pytest.raises(ConfigErrors) as info:
+        validate_config(bad)
+    assert [e.key for e in info.value.errors] == ["streaming.chunk_ms", "streaming.min_tokens"]
