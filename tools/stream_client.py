@@ -126,8 +126,17 @@ async def run(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGINT, stop.set)
+    # Sending faster than the server reads (--fast), our keepalive pings wait
+    # behind our own audio in TCP: the server's keepalive watches the link then.
+    ping_timeout = None if args.fast else 20.0
     try:
-        ws = await connect(url, ssl=ssl_context, additional_headers=headers, max_size=2**22)
+        ws = await connect(
+            url,
+            ssl=ssl_context,
+            additional_headers=headers,
+            max_size=2**22,
+            ping_timeout=ping_timeout,
+        )
     except InvalidStatus as exc:
         body = exc.response.body.decode(errors="replace").strip()
         print(f"refused: HTTP {exc.response.status_code} {body}", file=sys.stderr)

@@ -239,6 +239,11 @@ class StreamSession:
         return out
 
     @property
+    def ended(self) -> bool:
+        """No more audio will come (``receive_end`` was called)."""
+        return self._ended
+
+    @property
     def done(self) -> bool:
         """Ended, and every segment's final has been emitted."""
         return (

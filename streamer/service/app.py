@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import secrets
 import signal
 import ssl
 import sys
@@ -39,9 +40,11 @@ from streamer.core.segmenter import SegmenterSettings
 from streamer.core.session import SessionSettings, StreamSession
 from streamer.core.wire import IngestPolicy
 from streamer.errors import ConfigError, StreamerError
+from streamer.service.exposure import exposure_warnings
 from streamer.service.ingest import IngestLimits, IngestService
 from streamer.service.logs import register_secret, reload_logging
 from streamer.service.metrics import Metrics
+from streamer.service.seq_store import SeqReservations, SeqStoreError, resolve_state_dir
 from streamer.service.streams import StreamRunner
 from streamer.service.systemd import SystemdService
 from streamer.sinks.caption_page import add_page_routes
@@ -63,6 +66,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHUTDOWN_STEP_TIMEOUT = 15.0
+#: The longest a shutdown can take, step by step (``App._shutdown``): clients stop
+#: feeding, streams finalise, client sockets flush (their finals, then the
+#: stragglers' background finals), the engine drains, sinks flush, the server
+#: closes (its own three bounded steps). systemd's TimeoutStopSec must exceed it.
+SHUTDOWN_MAX_S = 7 * SHUTDOWN_STEP_TIMEOUT
 
 
 def session_settings(cfg: Config, sample_rate: int, frame_samples: int) -> SessionSettings:
@@ -148,7 +156,12 @@ class StreamFactory:
 
     A stream id that comes back (a client reconnecting) continues its ``seq``
     and ``segment`` numbering, so subscribers that drop duplicates by ``seq``
-    do not drop the new session's events.
+    do not drop the new session's events. With ``seqs`` (the daemon), ``seq``
+    also rises across restarts: a new stream id numbers after its durable mark,
+    and every event's ``seq`` is reserved (on disk) before it is published; an
+    event whose reservation cannot be written is not published (logged,
+    counted in ``unsent``). ``run`` (the daemon's run id) is stamped on every
+    event. Offline runs (``streamer transcribe``) have neither: ``seq`` from 1.
     """
 
     cfg: Config
@@ -156,11 +169,15 @@ class StreamFactory:
     publish: Callable[[Hypothesis], None]
     partials: bool = True
     catch_up: bool = True  # False: one final per segment whatever the timing (offline runs)
+    run: str | None = None
+    seqs: SeqReservations | None = None
     runners: dict[str, StreamRunner] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)
     _ended: OrderedDict[str, tuple[int, int]] = field(default_factory=OrderedDict)
     _released_held: float = 0.0
     _released_merged: int = 0
+    unsent: int = 0  # events not published: their seq could not be reserved
+    _store_failing: bool = False
 
     def create(
         self,
@@ -186,12 +203,33 @@ class StreamFactory:
             settings = dataclasses.replace(settings, lang=None if language == "auto" else language)
         if task is not None:
             settings = dataclasses.replace(settings, task=task)
-        seq_after, first_segment = self._ended.pop(stream, (0, 0))
+        seq_after, first_segment = self._ended.pop(stream, (-1, 0))
+        if seq_after < 0:  # not seen in this process: after its durable mark
+            seq_after = self.seqs.start(stream) if self.seqs is not None else 0
         session = StreamSession(stream, settings, seq_after=seq_after, first_segment=first_segment)
-        runner = StreamRunner(session, self.client, self.publish, vad)
+        runner = StreamRunner(session, self.client, self._publish, vad)
         self.runners[stream] = runner
         self.origins[stream] = origin
         return runner
+
+    def _publish(self, event: Hypothesis) -> None:
+        """Reserve the event's ``seq`` durably, stamp the run id, then publish."""
+        if self.seqs is not None:
+            try:
+                self.seqs.reserve(event.stream, event.seq)
+            except SeqStoreError as exc:
+                self.unsent += 1
+                if not self._store_failing:  # once per failing streak
+                    log.error("%s; events are not sent until it can be written", exc)
+                self._store_failing = True
+                return
+            if self._store_failing:
+                log.warning("seq reservations written again; %d event(s) were not sent",
+                            self.unsent)  # fmt: skip
+                self._store_failing = False
+        if self.run is not None:
+            event = dataclasses.replace(event, run=self.run)
+        self.publish(event)
 
     def held_seconds(self) -> float:
         """Wall time, over every stream so far, that input was held back (engine behind)."""
@@ -340,6 +378,8 @@ class App:
         self.ingest: IngestService | None = None
         self.mqtt: MqttSink | None = None
         self.factory: StreamFactory | None = None
+        self.run_id = secrets.token_hex(8)  # on every event and the MQTT status
+        self.seqs: SeqReservations | None = None  # opened by run(): durable seq blocks
         self.metrics = Metrics(
             fanout=self.fanout,
             streams=lambda: self.factory.counts() if self.factory else {},
@@ -459,7 +499,7 @@ class App:
             hermes=c.hermes,
             hermes_site_id=c.hermes_site_id,
         )
-        sink = self.mqtt = MqttSink(settings)
+        sink = self.mqtt = MqttSink(settings, run_id=self.run_id)
         m = self.metrics
         m.add_gauge("streamer_mqtt_connected", "1 while connected to the broker",
                     lambda: float(sink.connected))  # fmt: skip
@@ -474,6 +514,9 @@ class App:
     async def run(self) -> int:
         self._install_signals()
         self._make_mqtt()
+        state_dir = resolve_state_dir(self.cfg.service.state_dir)
+        self.seqs = await asyncio.to_thread(SeqReservations.open, state_dir)
+        log.info("run %s; seq reservations in %s", self.run_id, self.seqs.path)
         await self._start_server()
         try:
             async with self.systemd.loading():  # extends systemd's start timeout meanwhile
@@ -504,7 +547,9 @@ class App:
             lambda: engine.stats.mean_batch,
         )
         self._start_sinks()
-        factory = self.factory = StreamFactory(self.cfg, client, self._publish)
+        factory = self.factory = StreamFactory(
+            self.cfg, client, self._publish, run=self.run_id, seqs=self.seqs
+        )
         self.metrics.add_gauge(
             "streamer_stream_backlog_seconds",
             "per stream: audio waiting for its final (grows when the engine is behind)",
@@ -592,9 +637,15 @@ class App:
             return
         token = load_ws_token(ws.auth_token_file)
         register_secret(token)
+        for warning in exposure_warnings(self.cfg):
+            log.warning("%s", warning)
         access = AccessPolicy(
             token=token,
             allowed_origins=frozenset(split_items(ws.allowed_origins)),
+            server_names=frozenset(split_items(ws.server_names)),
+            auth_timeout=ws.auth_timeout_s,
+            max_unauthenticated=ws.max_unauthenticated,
+            max_unauthenticated_per_address=ws.max_unauthenticated_per_address,
         )
         ssl_context = make_ssl_context(ws.tls_cert, ws.tls_key)
         self.server = CaptionServer(
@@ -650,8 +701,11 @@ class App:
         self, source_tasks: list[asyncio.Task[None]], factory: StreamFactory
     ) -> None:
         await self.systemd.stopping()  # STOPPING=1; the watchdog is no longer fed
+        ingest = self.ingest
         for task in source_tasks:  # stop sources; each runner finalises its stream
             task.cancel()
+        if ingest is not None:  # clients: no new ones, no more reading, streams end
+            await ingest.stop_input(SHUTDOWN_STEP_TIMEOUT)
         await asyncio.gather(*source_tasks, return_exceptions=True)
         for runner in factory.runners.values():
             runner.end()
@@ -659,8 +713,8 @@ class App:
         finished = await asyncio.gather(*waits)
         if not all(finished):
             log.warning("some streams did not finalise within %.0f s", SHUTDOWN_STEP_TIMEOUT)
-        if self.ingest is not None:  # client sockets get their last finals
-            await self.ingest.close(SHUTDOWN_STEP_TIMEOUT)
+        if ingest is not None:  # client sockets get their last finals, then 1001
+            await ingest.close(SHUTDOWN_STEP_TIMEOUT)
         await self._stop_engine()
         await self._flush_sinks()
         await self._close_server()

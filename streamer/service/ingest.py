@@ -8,19 +8,38 @@ every sink (caption subscribers, MQTT, JSONL) sees its events.
 
 Whatever a client does wrong closes that client only, with a JSON error and a
 close code; the audio it sent before is still finalised for the other sinks
-(nothing already heard is lost). A client sending faster than
-``max_audio_rate`` × real time (after a burst) is throttled: the server stops
-reading, so TCP pushes back on the client instead of our buffers growing.
+(nothing already heard is lost).
+
+Flow control: a client sending faster than ``max_audio_rate`` × real time
+(after ``audio_burst_s``) is throttled: the server stops reading, so TCP
+pushes back on the client instead of our buffers growing. Frames are cut into
+pieces of at most ``PIECE_S`` and each piece is paced before it is fed, so one
+maximum-size frame (1 MiB is 32 s of 16 kHz audio) gets no more than the burst.
+While the server holds a client back it cannot read the client's pongs (they
+wait behind its audio in TCP), so this endpoint replaces the library's
+keepalive with one that counts every frame as a sign of life and never pings
+while the server itself is the one not reading.
+
+Admission: a client holds a ``max_streams`` slot only once it is
+authenticated (a bearer header before the upgrade, else the token of its
+``start``); ``admission()`` (the engine's measured load) can refuse a new
+stream with 503 before the upgrade, or with 1013 after ``start``.
+
+Shutdown (:meth:`IngestService.stop_input`, then :meth:`close`): new clients
+get 503; every client's reader stops at the next frame boundary (a frame the
+server already read is fed, nothing after it is read), its stream ends, it
+gets every final of the audio taken, then a 1001 close.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Protocol
@@ -47,6 +66,11 @@ log = logging.getLogger(__name__)
 
 STREAM_PATH = "/v1/stream"
 ENDPOINT = "stream"
+#: The most audio (seconds) fed to a stream at once; longer frames are cut.
+PIECE_S = 0.5
+
+#: Says why a new stream cannot be served now (None: it can).
+Admission = Callable[[], str | None]
 
 
 class IngestObserver(Protocol):
@@ -74,6 +98,26 @@ class _Idle(Exception):
     pass
 
 
+class _ShuttingDown(Exception):
+    pass
+
+
+class _Liveness:
+    """What the keepalive knows of one client: last frame, and whether we hold it back."""
+
+    def __init__(self, now: float) -> None:
+        self.last_seen = now
+        self.holding = 0  # > 0 while the server itself does not read (pacing, feeding)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.holding += 1
+        try:
+            yield
+        finally:
+            self.holding -= 1
+
+
 class IngestService:
     """Serves ``/v1/stream`` on a :class:`CaptionServer`.
 
@@ -96,67 +140,141 @@ class IngestService:
         self.clock = clock
         self.factory: StreamFactory | None = None
         self.policy = IngestPolicy()
-        self._conns: set[ServerConnection] = set()
+        self.admission: Admission = lambda: None
+        self._conns: set[ServerConnection] = set()  # authenticated: they hold a slot
         self._subs: set[Subscription] = set()
         self._finishing: set[asyncio.Task[None]] = set()
+        self._handlers: set[asyncio.Task[object]] = set()
+        self._feeding: set[StreamRunner] = set()  # streams whose reader may still feed
+        self._fed_all = asyncio.Event()
+        self._fed_all.set()
+        self._stopping = asyncio.Event()
         self._names = itertools.count(1)
         server.add_route(STREAM_PATH, self._check, self._serve, name=ENDPOINT)
 
-    def attach(self, factory: StreamFactory, policy: IngestPolicy) -> None:
+    def attach(
+        self, factory: StreamFactory, policy: IngestPolicy, admission: Admission | None = None
+    ) -> None:
         """The model is loaded: start accepting client streams."""
         self.factory = factory
         self.policy = policy
+        if admission is not None:
+            self.admission = admission
 
     @property
     def active(self) -> int:
         """Client connections on /v1/stream (including ones in their handshake)."""
         return len(self._conns)
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def stop_input(self, timeout: float) -> bool:
+        """Shutdown, first step: stop reading audio and end every client stream.
+
+        Returns once every reader has fed its last frame and ended its stream
+        (True), or after ``timeout`` (False). The finals are then on their way.
+        """
+        self._stopping.set()
+        for runner in self._feeding:
+            runner.stop_holding()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._fed_all.wait()
+        except TimeoutError:
+            log.warning("%d client stream(s) still feeding after %.0f s",
+                        len(self._feeding), timeout)  # fmt: skip
+            return False
+        return True
+
     async def close(self, timeout: float) -> None:
-        """Deliver what client sockets have queued and let background finals finish."""
-        for sub in list(self._subs):
+        """Shutdown, last step: clients get their last finals and a 1001 close."""
+        self._stopping.set()
+        handlers = [t for t in self._handlers if t is not asyncio.current_task()]
+        if handlers:
+            _, pending = await asyncio.wait(handlers, timeout=timeout)
+            if pending:
+                log.warning("%d client stream(s) did not close in %.0f s", len(pending), timeout)
+        for sub in list(self._subs):  # stuck handlers: their sockets get what is queued
             sub.close("server shutting down")
-        waits = [sub.wait_drained(timeout) for sub in list(self._subs)]
-        await asyncio.gather(*waits)
         if self._finishing:
             await asyncio.wait(list(self._finishing), timeout=timeout)
 
     # -- before the upgrade ------------------------------------------------------
 
     def _check(self, conn: ServerConnection, request: Request) -> Response | None:
-        if self.server.closing:
+        if self.server.closing or self.stopping:
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server shutting down\n")
         if self.factory is None:
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "model loading\n")
+        if self.server.needs_auth_message(conn):
+            return None  # no slot until its start message carries the token
+        refusal = self._refusal()
+        if refusal is not None:
+            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"{refusal}\n")
+        self._hold_slot(conn)
+        return None
+
+    def _refusal(self) -> str | None:
+        """Why a new stream is refused now (counted in the metrics), or None."""
         if len(self._conns) >= self.limits.max_streams:
             self.server.rejected(ENDPOINT, "limit")
-            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many streams\n")
+            return "too many streams"
+        try:
+            reason = self.admission()
+        except Exception:
+            log.exception("admission check failed")
+            reason = None
+        if reason is not None:
+            self.server.rejected(ENDPOINT, "saturated")
+            return reason
+        return None
+
+    def _hold_slot(self, conn: ServerConnection) -> None:
+        """The slot is held until the TCP connection is gone, whatever happens."""
         self._conns.add(conn)
         conn.connection_lost_waiter.add_done_callback(lambda _: self._conns.discard(conn))
-        return None
 
     # -- one client ------------------------------------------------------------------
 
     async def _serve(self, conn: ServerConnection) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await self._serve_client(conn)
+        finally:
+            self._handlers.discard(task)
+
+    async def _serve_client(self, conn: ServerConnection) -> None:
         factory = self.factory
         assert factory is not None  # _check refused the upgrade otherwise
         runner: StreamRunner | None = None
         sub: Subscription | None = None
         sender: asyncio.Task[None] | None = None
         code: int = CloseCode.NORMAL_CLOSURE
+        live = _Liveness(self.clock())
+        keepalive = self._own_keepalive(conn, live)
         try:
-            start = parse_start(await self._recv_text_first(conn), self.policy)
-            if self.server.needs_auth_message(conn) and not self.server.access.token_matches(
-                start.token
-            ):
-                self.server.rejected(ENDPOINT, "auth")
-                raise ProtocolError("authentication failed", CloseCode.POLICY_VIOLATION)
+            start = parse_start(await self._recv_text_first(conn, live), self.policy)
+            if self.server.needs_auth_message(conn):
+                if not self.server.access.token_matches(start.token):
+                    self.server.rejected(ENDPOINT, "auth")
+                    raise ProtocolError("authentication failed", CloseCode.POLICY_VIOLATION)
+                self.server.authenticated(conn)
+                refusal = self._refusal()
+                if refusal is not None:
+                    raise ProtocolError(refusal, CloseCode.TRY_AGAIN_LATER)
+                self._hold_slot(conn)
             stream = start.stream or f"client-{next(self._names)}"
             if stream in factory.runners:
                 raise ProtocolError(f"stream {stream!r} is in use", CloseCode.POLICY_VIOLATION)
             runner = factory.create(
                 stream, language=start.language, task=start.task, origin="client"
             )
+            self._feeding.add(runner)
+            self._fed_all.clear()
             kinds = ALL_KINDS if start.partials else frozenset({"final"})
             sub = self.fanout.subscribe(
                 {stream}, kinds, max_finals=self.server.queue_finals, name=f"ingest {stream}"
@@ -166,15 +284,22 @@ class IngestService:
             sender = asyncio.create_task(_forward(conn, sub), name=f"ingest-send-{stream}")
             log.info("client stream %s started (%d Hz %s)", stream, start.sample_rate,
                      start.encoding)  # fmt: skip
-            await self._receive_audio(conn, runner, start.sample_rate, start.encoding,
-                                      start.channels)  # fmt: skip
-            # stop: finalise, deliver the last final, close 1000.
-            runner.end()
+            shutdown = await self._receive_audio(conn, runner, live, start.sample_rate,
+                                                 start.encoding, start.channels)  # fmt: skip
+            # stop (or shutdown): finalise, deliver the last final, close.
+            self._stop_feeding(runner)
             if not await runner.wait_done(self.limits.finalize_timeout_s):
                 log.warning("stream %s did not finalise in time", stream)
             sub.close("end of stream")
             await asyncio.wait({sender}, timeout=self.server.drain_timeout)
-            await conn.close(CloseCode.NORMAL_CLOSURE, "end of stream")
+            if shutdown:
+                code = CloseCode.GOING_AWAY
+                await conn.close(code, "server shutting down")
+            else:
+                await conn.close(CloseCode.NORMAL_CLOSURE, "end of stream")
+        except _ShuttingDown:  # before its stream started: nothing to finalise
+            code = CloseCode.GOING_AWAY
+            await conn.close(code, "server shutting down")
         except _Idle:
             code = CloseCode.POLICY_VIOLATION
             self.server.rejected(ENDPOINT, "idle")
@@ -183,7 +308,7 @@ class IngestService:
             )
         except ProtocolError as exc:
             code = exc.close_code
-            if "authentication" not in str(exc):
+            if "authentication" not in str(exc) and code != CloseCode.TRY_AGAIN_LATER:
                 self.server.rejected(ENDPOINT, "protocol" if sub is not None else "bad_request")
             log.info("closing client stream from %s: %s", conn.remote_address, exc)
             await close_with_error(conn, code, str(exc))
@@ -192,63 +317,126 @@ class IngestService:
             if code == CloseCode.MESSAGE_TOO_BIG:
                 self.server.rejected(ENDPOINT, "protocol")
         finally:
+            if keepalive is not None:
+                keepalive.cancel()
             if sender is not None:
                 sender.cancel()
             if sub is not None:
                 sub.close("connection closed")
                 self._subs.discard(sub)
             if runner is not None:
+                self._stop_feeding(runner)
                 self._finish_in_background(factory, runner)
             if self.observer is not None:
                 self.observer.client_stream_closed(int(code))
 
-    async def _recv_text_first(self, conn: ServerConnection) -> str:
-        message = await self._recv(conn)
+    def _stop_feeding(self, runner: StreamRunner) -> None:
+        """The reader is done with ``runner``: end its stream (idempotent)."""
+        runner.end()
+        self._feeding.discard(runner)
+        if not self._feeding:
+            self._fed_all.set()
+
+    def _own_keepalive(self, conn: ServerConnection, live: _Liveness) -> asyncio.Task[None] | None:
+        """Replace the library's keepalive with one that knows about throttling."""
+        if conn.keepalive_task is not None:
+            conn.keepalive_task.cancel()
+            conn.keepalive_task = None
+        interval, timeout = self.server.ping_interval, self.server.ping_timeout
+        if not interval:
+            return None
+        return asyncio.create_task(
+            _keepalive(conn, live, interval, timeout or None, self.clock),
+            name=f"ingest-keepalive-{conn.id}",
+        )
+
+    async def _recv_text_first(self, conn: ServerConnection, live: _Liveness) -> str:
+        message = await self._recv(conn, live)
         if isinstance(message, bytes):
             raise ProtocolError(
                 "expected a JSON start message before audio", CloseCode.UNSUPPORTED_DATA
             )
         return message
 
-    async def _recv(self, conn: ServerConnection) -> str | bytes:
+    async def _recv(self, conn: ServerConnection, live: _Liveness) -> str | bytes:
+        """The next message; _Idle after ``idle_timeout_s``, _ShuttingDown at shutdown."""
+        if self._stopping.is_set():
+            raise _ShuttingDown
+        recv = asyncio.ensure_future(conn.recv())
+        stop = asyncio.ensure_future(self._stopping.wait())
         try:
-            async with asyncio.timeout(self.limits.idle_timeout_s):
-                return await conn.recv()
-        except TimeoutError:
-            raise _Idle from None
+            await asyncio.wait(
+                (recv, stop), timeout=self.limits.idle_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )  # fmt: skip
+        finally:
+            stop.cancel()
+            if not recv.done():
+                recv.cancel()  # websockets: cancelling recv() loses no message
+                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                    await recv
+        if recv.done() and not recv.cancelled():
+            message = recv.result()  # raises ConnectionClosed when it is
+            live.last_seen = self.clock()
+            return message
+        if self._stopping.is_set():
+            raise _ShuttingDown
+        raise _Idle
+
+    async def _pause(self, seconds: float) -> None:
+        """Throttle: wait ``seconds`` unless shutdown begins meanwhile."""
+        if self._stopping.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _receive_audio(
-        self, conn: ServerConnection, runner: StreamRunner, rate: int, encoding: str, channels: int
-    ) -> None:
-        """Feed binary frames to the stream until ``stop``."""
+        self,
+        conn: ServerConnection,
+        runner: StreamRunner,
+        live: _Liveness,
+        rate: int,
+        encoding: str,
+        channels: int,
+    ) -> bool:
+        """Feed binary frames to the stream until ``stop`` (False) or shutdown (True)."""
         decoder = PcmDecoder(encoding, channels)
         resampler = StreamResampler(rate, runner.engine.sample_rate)
         guard = RateGuard(self.limits.max_audio_rate, self.limits.audio_burst_s, self.clock())
+        piece = max(1, round(PIECE_S * rate))
         position = 0
+        shutdown = False
         while True:
-            message = await self._recv(conn)
-            if isinstance(message, str):
-                parse_control(message)  # "stop" is the only control message
+            try:
+                message = await self._recv(conn, live)
+            except _ShuttingDown:
+                shutdown = True
+                message = None
+            if message is None or isinstance(message, str):
+                if message is not None:
+                    parse_control(message)  # "stop" is the only control message
                 tail = resampler.flush()
                 if len(tail):
                     await runner.feed(AudioBlock(runner.stream, position, tail,
                                                  resampler.to_rate, self.clock()))  # fmt: skip
-                return
+                return shutdown
             pcm = decoder.decode(message)
-            seconds = len(pcm) / rate
             if self.observer is not None:
-                self.observer.audio_received(seconds)
-            samples = resampler.process(pcm)
-            if len(samples):
-                block = AudioBlock(runner.stream, position, samples, resampler.to_rate,
-                                   self.clock())  # fmt: skip
-                position += len(samples)
-                await runner.feed(block)
-            wait = guard.admit(seconds, self.clock())
-            if wait > 0:
-                if self.observer is not None:
-                    self.observer.throttled(wait)
-                await asyncio.sleep(wait)
+                self.observer.audio_received(len(pcm) / rate)
+            with live.held():
+                for i in range(0, len(pcm), piece):
+                    part = pcm[i : i + piece]
+                    wait = guard.admit(len(part) / rate, self.clock())
+                    if wait > 0:
+                        if self.observer is not None:
+                            self.observer.throttled(wait)
+                        await self._pause(wait)
+                    samples = resampler.process(part)
+                    if len(samples):
+                        block = AudioBlock(runner.stream, position, samples, resampler.to_rate,
+                                           self.clock())  # fmt: skip
+                        position += len(samples)
+                        await runner.feed(block)
 
     def _finish_in_background(self, factory: StreamFactory, runner: StreamRunner) -> None:
         """End the stream (idempotent) and release its id once its finals are out."""
@@ -264,6 +452,41 @@ class IngestService:
         task = asyncio.create_task(finish(), name=f"ingest-finish-{runner.stream}")
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
+
+
+async def _keepalive(
+    conn: ServerConnection,
+    live: _Liveness,
+    interval: float,
+    timeout: float | None,
+    clock: Callable[[], float],
+) -> None:
+    """Ping a client that has been quiet for ``interval``; close it if no pong comes.
+
+    A frame counts as a pong (the client is alive), and while the server holds
+    the client back its pongs sit behind the audio in TCP: no verdict then.
+    """
+    while True:
+        await asyncio.sleep(interval)
+        if live.holding or clock() - live.last_seen < interval:
+            continue
+        try:
+            pong = await conn.ping()
+        except ConnectionClosed:
+            return
+        if timeout is None:
+            continue
+        try:
+            async with asyncio.timeout(timeout):
+                await pong
+        except TimeoutError:
+            if live.holding or clock() - live.last_seen < interval + timeout:
+                continue
+            log.info("closing client stream from %s: keepalive ping timeout", conn.remote_address)
+            await conn.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+            return
+        except ConnectionClosed:
+            return
 
 
 async def _forward(conn: ServerConnection, sub: Subscription) -> None:

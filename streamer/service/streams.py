@@ -6,6 +6,9 @@ its decode requests to the engine, hands results back, and publishes the
 session's events with their latency (wall time since the audio they cover
 arrived). It is the same for a microphone, a file and a WebSocket client.
 
+VAD runs in a small shared pool, half a second of audio per call, so a stream
+handed a long block cannot delay the others' blocks (see ``score_speech``).
+
 Backpressure: while the session is ``behind`` (more audio waiting for finals
 than ``max_backlog``), ``feed`` does not return. A file is then read more
 slowly, a WebSocket client's frames wait in TCP buffers, and a microphone's
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from streamer.audio.vad import FrameVad
+from streamer.audio.vad import FrameVad, score_speech
 from streamer.core.session import DecodeResult, SourceEventKind, StreamSession
 from streamer.types import AudioBlock, Hypothesis
 
@@ -58,6 +61,7 @@ class StreamRunner:
         self._pending: set[asyncio.Future[DecodeResult]] = set()
         self._caught_up = asyncio.Event()
         self._caught_up.set()
+        self._holding = True  # False once shutdown asked feed() never to wait again
         self.held_seconds = 0.0  # wall time ``feed`` waited for the engine to catch up
 
     @property
@@ -81,11 +85,18 @@ class StreamRunner:
             samples = samples[expected - block.start :]
         if not len(samples):
             return
+        if self.session.ended:
+            # A caller's bug, not the client's: say so once per block, never raise.
+            log.error("stream %s: %d samples after its end were dropped", self.stream, len(samples))
+            return
         arrival = block.arrival if block.arrival is not None else self.clock()
         self._arrivals.append((expected + len(samples), arrival))
         probs = None
         if self.vad is not None:
-            probs = await asyncio.to_thread(self.vad.process, samples)
+            probs = await score_speech(self.vad, samples)
+        if self.session.ended:  # ended while the VAD ran (see stop_holding)
+            log.error("stream %s: audio fed past its end was dropped", self.stream)
+            return
         self.session.receive_audio(samples)
         if probs is not None:
             self.session.receive_speech(probs)
@@ -101,6 +112,15 @@ class StreamRunner:
     def backlog_seconds(self) -> float:
         """Audio not yet finalised (the stream's lag behind its input)."""
         return self.session.backlog / self.session.s.sample_rate
+
+    def stop_holding(self) -> None:
+        """Shutdown: ``feed`` returns without waiting for the engine to catch up.
+
+        The audio already taken is still finalised (the caller ends the stream
+        once its last ``feed`` returned); only the backpressure wait is skipped.
+        """
+        self._holding = False
+        self._caught_up.set()
 
     def finalize(self) -> None:
         """Explicit finalize request: close the current segment now."""
@@ -151,7 +171,7 @@ class StreamRunner:
         for event in self.session.events_received():
             self.publish(dataclasses.replace(event, latency_ms=self._latency_ms(event, now)))
         self._forget_arrivals()
-        if self.session.behind:  # (never once done: nothing waits for a final then)
+        if self.session.behind and self._holding:  # (never once done: no final waits then)
             self._caught_up.clear()
         else:
             self._caught_up.set()

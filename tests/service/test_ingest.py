@@ -520,7 +520,7 @@ async def test_unanswered_pings_close_the_connection(tiny_whisper: Path) -> None
         assert app.server is not None
         reader, writer = await asyncio.open_connection("127.0.0.1", app.server.port)
         writer.write(
-            b"GET /v1/captions HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"GET /v1/captions HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
             b"Sec-WebSocket-Version: 13\r\n\r\n"
         )

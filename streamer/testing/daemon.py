@@ -1,0 +1,137 @@
+"""A real ``streamer serve`` process for tests: config file, free port, log file, signals.
+
+Its output goes to a file (a pipe nobody reads would block the daemon), so a
+test can read the whole log afterwards, look for tracebacks, and send signals
+by PID like systemd does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from streamer.testing.net import free_port
+
+__all__ = ["DaemonProcess", "http_status", "tiny_model_config"]
+
+
+def tiny_model_config(
+    model: Path, websocket: str = "", extra: str = "", *, vad: bool = False
+) -> str:
+    """TOML for a daemon on ``model`` with no configured sources.
+
+    ``websocket`` adds lines to ``[websocket]``, ``extra`` whole sections; the
+    port stays a ``{port}`` placeholder that :meth:`DaemonProcess.start` fills.
+    """
+    return f"""
+sources = []
+
+[model]
+id = "{model}"
+device = "cpu"
+source_language = "en"
+target_language = "en"
+
+[streaming]
+chunk_ms = 500
+max_tokens_per_second = 3.0
+min_tokens = 2
+
+[vad]
+enabled = {"true" if vad else "false"}
+
+[websocket]
+host = "127.0.0.1"
+port = {{port}}
+{websocket}
+
+[console]
+enabled = false
+{extra}
+"""
+
+
+def http_status(port: int, path: str, timeout: float = 5.0) -> int | None:
+    """HTTP status of ``GET path`` on 127.0.0.1, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+@dataclass
+class DaemonProcess:
+    """``python -m streamer serve --config FILE --keep-serving`` in a subprocess."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @classmethod
+    def start(
+        cls, workdir: Path, config: str, env: Mapping[str, str], port: int | None = None
+    ) -> DaemonProcess:
+        """Write ``config`` (``{port}`` is filled in) and start the daemon on it."""
+        port = port or free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        cfg = workdir / "serve.toml"
+        cfg.write_text(config.replace("{port}", str(port)), encoding="utf-8")
+        log_path = workdir / "daemon.log"
+        argv = [sys.executable, "-m", "streamer", "serve", "--config", str(cfg), "--keep-serving"]
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dict(env),
+                cwd=workdir,
+            )
+        return cls(proc, port, log_path)
+
+    def url(self, path: str, scheme: str = "ws") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    async def wait_ready(self, timeout: float = 120.0) -> None:
+        """Until ``/readyz`` answers 200; fails with the log when the process dies."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log}")
+            if await asyncio.to_thread(http_status, self.port, "/readyz", 2.0) == 200:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"daemon not ready in {timeout} s:\n{self.log}")
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.proc.pid, signum)
+
+    async def wait_exit(self, timeout: float = 60.0) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"daemon still running after {timeout} s:\n{self.log}")
+            await asyncio.sleep(0.05)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL if still running (test teardown)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
