@@ -12,6 +12,11 @@ Routes are added to a :class:`~streamer.sinks.websocket.CaptionServer`
 ``GET /mic-worklet.js``  AudioWorklet: resample to 16 kHz, int16 LE, 100 ms chunks
 =====================  ===========================================================
 
+The page subscribes with ``history=20`` (``?history=N`` on its own URL
+overrides it), so a page opened late, or reconnecting after an outage, shows
+each stream's recent finals; it drops the replayed ones it already shows
+(same ``seq``). ``?streams=`` and ``?kinds=`` pass through likewise.
+
 Every answer carries a strict Content-Security-Policy (same-origin scripts,
 styles and connections plus ``ws:``/``wss:``; no inline script, no framing),
 ``X-Content-Type-Options: nosniff`` and ``Cache-Control: no-cache`` (a

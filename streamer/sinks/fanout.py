@@ -19,6 +19,14 @@ Queue policy per subscription (DESIGN.md section 5):
   one is discarded (it is stale: the final supersedes it), so a subscriber
   never sees a partial after the final that followed it.
 
+History: the fanout keeps each stream's recent finals
+(:class:`~streamer.sinks.history.FinalHistory`). ``subscribe(history=N)``
+primes the new subscription with the last N finals of each selected stream
+(marked ``"replay": true``), taken in the same synchronous step that
+registers it: the replay ends exactly where the live events begin, with no
+duplicate and no gap. Replayed finals wait in their own queue, delivered
+first, and do not count against ``max_finals``.
+
 Shutdown: :meth:`Fanout.close_all` closes every subscription but keeps what
 is queued; consumers keep calling ``get()`` until it raises
 :class:`SubscriptionClosed`, which sets :attr:`Subscription.drained`.
@@ -34,6 +42,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable
 
+from streamer.sinks.history import HISTORY_PER_STREAM, HISTORY_STREAMS, FinalHistory
 from streamer.types import Hypothesis
 
 __all__ = [
@@ -96,6 +105,7 @@ class Subscription:
         self.max_finals = max_finals
         self.name = name
         self._queue: deque[_Slot] = deque()
+        self._replay: deque[Hypothesis] = deque()  # history, delivered before the queue
         # Undelivered partial per stream that may still be replaced in place.
         self._open_partial: dict[str, _Slot] = {}
         self._n_finals = 0
@@ -133,6 +143,7 @@ class Subscription:
 
     @property
     def pending_finals(self) -> int:
+        """Live finals (and status events) queued; replayed history is not counted."""
         return self._n_finals
 
     def wants(self, event: Hypothesis) -> bool:
@@ -142,6 +153,13 @@ class Subscription:
         return self.streams is None or event.stream in self.streams
 
     # -- producer side (called by Fanout.publish) ----------------------------
+
+    def _prime(self, events: list[Hypothesis]) -> None:
+        """Queue replayed history ahead of everything else (right after creation)."""
+        self._replay.extend(events)
+        self._n_pending += len(events)
+        if events:
+            self._wakeup.set()
 
     def _offer(self, event: Hypothesis) -> None:
         """Queue ``event`` under the subscription's policy; never blocks, never raises."""
@@ -198,6 +216,10 @@ class Subscription:
         Raises :class:`asyncio.QueueEmpty` when nothing is queued, and
         :class:`SubscriptionClosed` when closed and drained.
         """
+        if self._replay:
+            self._n_pending -= 1
+            self.delivered += 1
+            return self._replay.popleft()
         while self._queue:
             slot = self._queue.popleft()
             event = slot.event
@@ -251,6 +273,7 @@ class Subscription:
         self._close_reason = reason
         if discard:
             self._queue.clear()
+            self._replay.clear()
             self._open_partial.clear()
             self._n_finals = 0
             self._n_pending = 0
@@ -287,7 +310,13 @@ class Fanout:
     hands events over with ``loop.call_soon_threadsafe``).
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        history_per_stream: int = HISTORY_PER_STREAM,
+        history_streams: int = HISTORY_STREAMS,
+    ) -> None:
+        #: The recent finals of each stream, for ``subscribe(history=N)``.
+        self.history = FinalHistory(history_per_stream, history_streams)
         self._subs: list[Subscription] = []
         self._closing: list[Subscription] = []
         self._closed_reason: str | None = None
@@ -306,10 +335,14 @@ class Fanout:
         kinds: Iterable[str] = ALL_KINDS,
         max_finals: int = 256,
         name: str = "",
+        history: int = 0,
     ) -> Subscription:
         """Open a subscription to ``streams`` (None: all) and ``kinds``.
 
-        After :meth:`close_all` the returned subscription is already closed.
+        ``history``: first deliver the last (up to) ``history`` kept finals of
+        each selected stream, when ``kinds`` includes finals. After
+        :meth:`close_all` the returned subscription is already closed (and
+        gets no history).
         """
         kind_set = frozenset(kinds)
         unknown = kind_set - EVENT_KINDS
@@ -317,17 +350,24 @@ class Fanout:
             raise ValueError(f"kinds must be a non-empty subset of {sorted(EVENT_KINDS)}")
         if max_finals < 1:
             raise ValueError("max_finals must be at least 1")
+        if history < 0:
+            raise ValueError("history must be >= 0")
         stream_set = None if streams is None else frozenset(streams)
         sub = Subscription(self, stream_set, kind_set, max_finals, name)
         if self._closed_reason is not None:
             sub.close(self._closed_reason)
         else:
+            # Snapshot and registration in one synchronous step: no event
+            # can be published in between (all on the loop thread).
+            if history and "final" in kind_set:
+                sub._prime(self.history.snapshot(stream_set, history))
             self._subs.append(sub)
         return sub
 
     def publish(self, event: Hypothesis) -> None:
         """Offer ``event`` to every subscription; never blocks, never raises for one."""
         self.published += 1
+        self.history.record(event)
         for sub in tuple(self._subs):
             try:
                 sub._offer(event)

@@ -420,6 +420,64 @@ async def test_page_starts_segments_over_when_the_run_changes(
     assert state["streams"]["demo"]["partial"]["seq"] == 1001
 
 
+async def test_page_opened_late_shows_recent_finals_and_fills_a_gap_on_reconnect(
+    browser: BrowserFactory, servers: list[CaptionServer], tmp_path: Path
+) -> None:
+    """The page asks for each stream's recent finals: opened late it shows what
+    was said (not "Waiting for captions…"); back after an outage it adds the
+    finals it missed, and none it already shows."""
+    fan, server = await page_server()
+    servers.append(server)
+    port = server.port
+    run = "c" * 16
+    for i in range(25):  # more than the server keeps (20) and the page asks for
+        fan.publish(ev("partial", "talk", i, 2 * i + 1, f"Sentence {i}", run=run))
+        fan.publish(ev("final", "talk", i, 2 * i + 2, f"Sentence {i}.", run=run))
+    fan.publish(ev("partial", "talk", 25, 51, "not speech", run=run))
+    fan.publish(ev("final", "talk", 25, 52, "", run=run))  # retracts that partial
+    fan.publish(ev("final", "other", 0, 7, "Another stream.", run=run))
+    said = [f"Sentence {i}." for i in range(5, 25)]  # the last 20
+
+    driver = await browser()
+    await asyncio.to_thread(driver.get, f"http://127.0.0.1:{port}/")
+    state = await wait_page(
+        driver, lambda s: len((s["streams"].get("talk") or {}).get("finals", [])) == 20,
+        "the recent finals",
+    )  # fmt: skip
+    assert state["streams"]["talk"] == {"finals": said, "partial": None}
+    assert state["streams"]["other"]["finals"] == ["Another stream."]
+    placeholder = await asyncio.to_thread(
+        driver.execute_script, 'return document.getElementById("placeholder").hidden;'
+    )
+    assert placeholder is True
+    await save_screenshot(driver, tmp_path / "caption_page_history.png")
+    # Live events follow the replay.
+    fan.publish(ev("final", "talk", 26, 53, "Live now.", run=run))
+    state = await wait_page(
+        driver, lambda s: s["streams"]["talk"]["finals"][-1:] == ["Live now."], "the live final"
+    )
+    assert state["streams"]["talk"]["finals"] == [*said, "Live now."]
+
+    # The connection drops (the daemon keeps running: same fanout); a final is
+    # published meanwhile; the page reconnects and gets the history again.
+    await server.close()
+    await wait_page(driver, lambda s: s["status"] == "reconnecting", "status reconnecting")
+    fan.publish(ev("final", "talk", 27, 54, "Missed while away.", run=run))
+    server2 = CaptionServer(fan, "127.0.0.1", port, drain_timeout=2.0)
+    add_page_routes(server2)
+    await server2.start()
+    servers.append(server2)
+    await until(lambda: fan.subscribers == 1, "the page's new subscription", timeout=15)
+    fan.publish(ev("final", "talk", 28, 55, "Marker.", run=run))
+    state = await wait_page(
+        driver, lambda s: s["streams"]["talk"]["finals"][-1:] == ["Marker."], "the marker"
+    )
+    finals = state["streams"]["talk"]["finals"]
+    assert finals == [*said, "Live now.", "Missed while away.", "Marker."], finals
+    assert state["streams"]["other"]["finals"] == ["Another stream."]
+    assert severe_console_messages(driver) == []
+
+
 async def test_page_authenticates_with_its_token(
     browser: BrowserFactory, servers: list[CaptionServer]
 ) -> None:

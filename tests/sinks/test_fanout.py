@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -323,3 +324,62 @@ def test_status_events_queue_like_finals_and_seal_the_open_partial() -> None:
     assert [e.kind for e in drain(default)] == ["final"]  # its partials were superseded
     with pytest.raises(ValueError):
         fan.subscribe(kinds=["source_gone"])
+
+
+# -- history: recent finals for late subscribers ------------------------------------
+
+
+def test_late_subscriber_gets_recent_finals_then_live_events_without_overlap() -> None:
+    fan = Fanout(history_per_stream=20, history_streams=8)
+    early = fan.subscribe()
+    for i in range(8):
+        fan.publish(ev("partial", segment=i, seq=2 * i, text=f"part {i}"))
+        fan.publish(ev("final", segment=i, seq=2 * i + 1, text=f"line {i}"))
+    fan.publish(ev("partial", segment=8, seq=16, text="open partial"))
+    late = fan.subscribe(history=5)
+    none = fan.subscribe()  # history=0 (the default): live events only, as before
+    fan.publish(ev("final", segment=8, seq=17, text="line 8"))
+    got = drain(late)
+    assert [e.seq for e in got] == [7, 9, 11, 13, 15, 17]  # last 5 finals, then live
+    assert [e.extra.get("replay") for e in got] == [True] * 5 + [None]
+    assert [e.seq for e in drain(none)] == [17]
+    assert all("replay" not in e.extra for e in drain(early))  # live events stay unmarked
+    assert late.delivered == 6 and late.pending == 0
+
+
+def test_history_respects_filters_and_never_counts_against_final_room() -> None:
+    fan = Fanout()
+    for i in range(6):
+        fan.publish(ev("final", stream="ab"[i % 2], segment=i, seq=i))
+    only_b = fan.subscribe(streams=["b"], history=100, max_finals=1)
+    partials = fan.subscribe(kinds=["partial"], history=100)
+    assert only_b.pending == 3 and only_b.pending_finals == 0
+    fan.publish(ev("final", stream="b", segment=6, seq=6))  # one live final fits max_finals=1
+    assert not only_b.closed
+    assert [e.seq for e in drain(only_b)] == [1, 3, 5, 6]
+    assert drain(partials) == []
+
+
+def test_history_empty_final_does_not_retract_earlier_finals() -> None:
+    fan = Fanout()
+    fan.publish(ev("final", segment=0, seq=1, text="Said."))
+    fan.publish(ev("partial", segment=1, seq=2, text="noise"))
+    fan.publish(replace(ev("final", segment=1, seq=3), text=""))  # retracts the partial only
+    late = fan.subscribe(history=10)
+    assert [(e.seq, e.text) for e in drain(late)] == [(1, "Said.")]
+
+
+async def test_history_is_delivered_by_get_and_dropped_on_slow_or_closed() -> None:
+    fan = Fanout()
+    for i in range(3):
+        fan.publish(ev("final", segment=i, seq=i))
+    sub = fan.subscribe(history=3)
+    async with asyncio.timeout(1):
+        assert (await sub.get()).seq == 0  # no publish needed to wake it
+    sub.close("bye", discard=True)
+    with pytest.raises(SubscriptionClosed):
+        sub.get_nowait()
+    fan.close_all("shutdown")
+    assert fan.subscribe(history=3).pending == 0  # closed at birth: no replay
+    with pytest.raises(ValueError):
+        Fanout().subscribe(history=-1)

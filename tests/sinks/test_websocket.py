@@ -96,6 +96,14 @@ def http_get(server: CaptionServer, path: str) -> tuple[int, str]:
 def test_parse_caption_query() -> None:
     q = parse_caption_query("")
     assert q.streams is None and q.kinds == {"partial", "final", "source_lost", "source_restored"}
+    assert q.history == 0
+    assert parse_caption_query("history=5&streams=a").history == 5
+    assert parse_caption_query("history=0").history == 0
+    assert parse_caption_query("history=100").history == 100
+    for bad in ("history=101", "history=-1", "history=", "history=x", "history=1.5",
+                "history=1,2", "history=%201", "history=1&history=2", "history=0100"):  # fmt: skip
+        with pytest.raises(ValueError, match="history"):
+            parse_caption_query(bad)
     q = parse_caption_query("streams=a,%20b&kinds=final")
     assert q.streams == frozenset({"a", "b"}) and q.kinds == frozenset({"final"})
     q = parse_caption_query("streams=a&streams=c&kinds=partial")
@@ -252,7 +260,55 @@ async def test_over_max_subscribers_is_503_until_a_slot_frees(make_server: Facto
     await second.close()
 
 
-@pytest.mark.parametrize("query", ["kinds=partial,interim", "kinds=", "stream=a", "streams"])
+# -- history: a late subscriber gets the recent finals ---------------------------------
+
+
+async def test_late_subscriber_gets_history_then_live_without_gap_or_duplicate(
+    make_server: Factory,
+) -> None:
+    """Finals are published all along, also while the client connects: what it
+    gets is the last 5 finals before its subscription, then every later one."""
+    fan, server = await make_server()
+    for seq in range(1, 9):
+        fan.publish(ev("partial", "a", seq, 100 + seq))  # partials are never replayed
+        fan.publish(ev("final", "a", seq, 200 + seq))
+    fan.publish(ev("final", "b", 0, 1))  # another stream: filtered out
+    published = list(range(201, 209))
+
+    async def publish_more() -> None:
+        seq = 209
+        while True:
+            fan.publish(ev("final", "a", seq, seq))
+            published.append(seq)
+            seq += 1
+            await asyncio.sleep(0.002)
+
+    publisher = asyncio.create_task(publish_more())
+    try:
+        async with connect(url(server, "/v1/captions?streams=a&kinds=final&history=5")) as ws:
+            got = [json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT)) for _ in range(25)]
+    finally:
+        publisher.cancel()
+    seqs = [m["seq"] for m in got]
+    replayed = [m["seq"] for m in got if m.get("replay")]
+    assert len(replayed) == 5 and seqs[:5] == replayed  # history first
+    assert all("replay" not in m for m in got[5:])
+    # Strictly increasing and contiguous: no duplicate, no gap at the seam.
+    assert seqs == published[published.index(seqs[0]) :][:25]
+    assert all(m["type"] == "final" and m["stream"] == "a" for m in got)
+
+    # Without history=, a subscriber gets live events only (the API as before).
+    async with connect(url(server, "/v1/captions?streams=a")) as plain:
+        await until(lambda: fan.subscribers == 1)
+        fan.publish(ev("final", "a", 999, 9999))
+        assert json.loads(await asyncio.wait_for(plain.recv(), TIMEOUT))["seq"] == 9999
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["kinds=partial,interim", "kinds=", "stream=a", "streams", "history=101", "history=-1",
+     "history=two", "history=1&history=1"],
+)  # fmt: skip
 async def test_bad_query_is_400_before_upgrade(make_server: Factory, query: str) -> None:
     fan, server = await make_server()
     with pytest.raises(InvalidStatus) as info:

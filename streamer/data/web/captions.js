@@ -9,6 +9,11 @@
 
 (() => {
   const MAX_FINALS = 50; // finished lines kept per stream
+  // Recent finals per stream asked for on every (re)connect, so that a page
+  // opened late (or back after an outage) shows what was said; the server
+  // keeps 20 per stream. ?history=N on the page's URL overrides it (0: none).
+  const HISTORY = 20;
+  const MAX_HISTORY = 100; // the most the server accepts
   const BACKOFF_MIN_MS = 500;
   const BACKOFF_MAX_MS = 10000;
   // A connection counts as successful (backoff reset) once it delivered an
@@ -141,6 +146,9 @@
     if (known === fingerprint(ev)) return false;
     const oldest = s.seen.size ? s.seen.keys().next().value : -Infinity;
     if (known === undefined && ev.seq >= oldest) return false; // superseded, never shown
+    // A replayed final (history sent on connecting) under a seq no longer
+    // remembered is one shown long ago, not a numbering that started over.
+    if (known === undefined && ev.replay === true) return false;
     s.seen.clear();
     s.finalSegment = -Infinity;
     hidePartial(s);
@@ -237,6 +245,9 @@
       const value = pageQuery.get(key);
       if (value) query.set(key, value);
     }
+    const asked = pageQuery.has("history") ? Number(pageQuery.get("history")) : HISTORY;
+    const history = Number.isInteger(asked) && asked >= 0 ? Math.min(asked, MAX_HISTORY) : HISTORY;
+    query.set("history", String(history));
     if (!sub.attempt) setStatus("connecting", "connecting…");
     let ws;
     try {
