@@ -97,6 +97,7 @@ class DecodeRequest:
     lang: str | None = None  # source language; None: the engine detects it
     task: str | None = None  # None: the model's configured task
     supersedes: int | None = None  # a request of this stream whose result is no longer wanted
+    bulk: bool = False  # input arriving faster than real time: served after live streams
 
 
 @dataclass(frozen=True, slots=True)

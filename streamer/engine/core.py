@@ -209,7 +209,7 @@ class Engine:
 
     def _step(self) -> None:
         t0 = time.monotonic()
-        plan = self.scheduler.plan()
+        plan = self.scheduler.plan(t0)
         for job in plan.cancelled:
             self.cancelled_requests += 1
             self._fail(job, "cancelled")

@@ -17,7 +17,15 @@ Admission and overload:
 - at most ``max_running`` sequences decode together; each step admits at most
   ``max_admit`` windows, ``max_admit_samples`` of audio and
   ``max_prefill_tokens`` prefix tokens (at least one window when idle, so an
-  oversized window still runs); finals go first, then the oldest.
+  oversized window still runs); finals go first, then the oldest;
+- live before bulk: a request marked ``bulk`` (its stream's input arrives
+  faster than real time: a fast file, a client sending as fast as it may) is
+  admitted only while no live window waits or decodes (every step of a live
+  decode stays one token, with no long encoder pass beside it), and while a
+  live stream was heard within ``LIVE_GRACE_S`` at most one per step, so a
+  live request never waits for more than one bulk window's encoder pass.
+  Bulk rows already running keep decoding; bulk streams slow down through
+  their own backpressure.
 """
 
 from __future__ import annotations
@@ -27,7 +35,11 @@ from dataclasses import dataclass, field
 
 from streamer.core.session import DecodeRequest
 
-__all__ = ["Job", "Scheduler", "SchedulerLimits", "StepPlan"]
+__all__ = ["LIVE_GRACE_S", "Job", "Scheduler", "SchedulerLimits", "StepPlan"]
+
+#: A live stream heard this recently (seconds) still counts as present: its next
+#: window (one chunk away) must not find the engine busy with a batch of bulk ones.
+LIVE_GRACE_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +101,7 @@ class Scheduler:
         self._running: dict[str, Job] = {}  # by stream: one at a time
         self._dropped: list[Job] = []  # cancelled while waiting: answered by the next plan
         self.superseded = 0
+        self._live_until = float("-inf")  # a live request was submitted until then + grace
 
     # -- bookkeeping --------------------------------------------------------------
 
@@ -112,6 +125,8 @@ class Scheduler:
         if req.kind == "partial" and queue and queue[-1].req.kind == "partial":
             self._drop(queue.pop())
         queue.append(Job(req, now))
+        if not req.bulk:
+            self._live_until = now + LIVE_GRACE_S
 
     def cancel(self, stream: str, request_id: int) -> None:
         """A request whose result is no longer wanted (unknown ids are ignored)."""
@@ -152,8 +167,12 @@ class Scheduler:
 
     # -- the step ---------------------------------------------------------------------
 
-    def plan(self) -> StepPlan:
-        """Decide the next step; admitted jobs count as running from now on."""
+    def plan(self, now: float | None = None) -> StepPlan:
+        """Decide the next step; admitted jobs count as running from now on.
+
+        ``now`` tells whether a live stream was heard lately (see ``LIVE_GRACE_S``);
+        without it only live jobs waiting or running count.
+        """
         cancelled = tuple(self._dropped)
         self._dropped.clear()
         for job in [j for j in self._running.values() if j.cancelled]:
@@ -163,12 +182,16 @@ class Scheduler:
         limits = self.limits
         room = limits.max_running - len(decode)
         heads = [q[0] for stream, q in self._waiting.items() if stream not in self._running]
-        heads.sort(key=lambda j: (j.req.kind != "final", j.submitted))
+        heads.sort(key=lambda j: (j.req.bulk, j.req.kind != "final", j.submitted))
+        live_now = any(not j.req.bulk for j in (*heads, *decode))
+        live_lately = live_now or (now is not None and now < self._live_until)
         admit: list[Job] = []
         samples = tokens = 0
         for job in heads:
             if len(admit) >= min(room, limits.max_admit):
                 break
+            if job.req.bulk and (live_now or (live_lately and admit)):
+                break  # no bulk encoder pass while a live window waits or decodes
             size, prefix = len(job.req.audio), job.prefix_estimate
             over = (
                 samples + size > limits.max_admit_samples

@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 
 Publish = Callable[[Hypothesis], None]
 MAX_GAP_S = 30
+#: A stream whose input is this far (seconds) ahead of real time is "bulk": the
+#: engine serves live streams first (``Scheduler``). Paced sources and
+#: microphones stay within a block of real time; fast files and clients
+#: sending as fast as they may run ahead.
+BULK_AHEAD_S = 3.0
 
 
 class StreamRunner:
@@ -63,6 +68,7 @@ class StreamRunner:
         self._caught_up.set()
         self._holding = True  # False once shutdown asked feed() never to wait again
         self.held_seconds = 0.0  # wall time ``feed`` waited for the engine to catch up
+        self._began: float | None = None  # wall time the stream's first sample was spoken
 
     @property
     def stream(self) -> str:
@@ -90,6 +96,8 @@ class StreamRunner:
             log.error("stream %s: %d samples after its end were dropped", self.stream, len(samples))
             return
         arrival = block.arrival if block.arrival is not None else self.clock()
+        if self._began is None:
+            self._began = arrival - len(samples) / self.session.s.sample_rate
         self._arrivals.append((expected + len(samples), arrival))
         probs = None
         if self.vad is not None:
@@ -107,6 +115,14 @@ class StreamRunner:
                       self.stream, self.backlog_seconds)  # fmt: skip
             await self._caught_up.wait()
             self.held_seconds += self.clock() - held
+
+    @property
+    def ahead_seconds(self) -> float:
+        """How far the input runs ahead of real time (0 for a live source)."""
+        if self._began is None:
+            return 0.0
+        received = self.session.buffer.end / self.session.s.sample_rate
+        return max(0.0, received - (self.clock() - self._began))
 
     @property
     def backlog_seconds(self) -> float:
@@ -157,7 +173,10 @@ class StreamRunner:
         # A failed submit's error result may schedule the next request at once
         # (a segment's final): keep sending until the session has nothing new.
         while requests := self.session.requests_to_send():
+            bulk = self.ahead_seconds > BULK_AHEAD_S
             for req in requests:
+                if bulk:
+                    req = dataclasses.replace(req, bulk=True)
                 try:
                     fut = self.engine.submit(req)
                 except RuntimeError as exc:  # engine stopped: fail the window, keep going

@@ -89,3 +89,40 @@ def test_lag_is_the_age_of_the_oldest_unfinished_request():
 def test_limits_are_validated():
     with pytest.raises(ValueError):
         SchedulerLimits(max_running=0)
+
+
+def bulk(stream, rid, kind="partial", seconds=1.0):
+    r = req(stream, rid, kind, seconds)
+    import dataclasses
+
+    return dataclasses.replace(r, bulk=True)
+
+
+def test_live_windows_go_first_and_alone():
+    s = Scheduler(SchedulerLimits(max_running=16, max_admit=8))
+    for n in range(4):
+        s.submit(bulk(f"big{n}", 0, "final", seconds=15.0), 0.0)  # older, and finals
+    s.submit(req("live", 0), 1.0)
+    plan = s.plan(1.0)
+    assert ids(plan.admit) == [("live", 0)]  # no bulk window batched with it
+    # while it decodes, every step is one token: no bulk encoder pass beside it
+    assert s.plan(1.1).admit == () and s.plan(1.2).admit == ()
+    s.finish(plan.admit[0])
+    # the live stream was heard lately: bulk windows join one per step
+    assert ids(s.plan(1.3).admit) == [("big0", 0)]
+    s.submit(req("live", 1), 1.35)  # the live stream's next chunk comes first again
+    assert ids(s.plan(1.4).admit) == [("live", 1)]
+
+
+def test_bulk_windows_batch_freely_once_no_live_stream_is_heard():
+    s = Scheduler(SchedulerLimits(max_running=16, max_admit=8))
+    s.submit(req("live", 0), 0.0)
+    s.finish(s.plan(0.0).admit[0])
+    for n in range(4):
+        s.submit(bulk(f"big{n}", 0), 1.0)
+    assert len(s.plan(2.0).admit) == 1  # live heard 2 s ago: its next chunk is near
+    assert len(s.plan(10.0).admit) == 3  # long quiet: the rest batch together
+    t = Scheduler(SchedulerLimits(max_running=16, max_admit=8))
+    for n in range(4):  # only bulk streams (streamer transcribe): as before
+        t.submit(bulk(f"f{n}", 0), 0.0)
+    assert len(t.plan(0.0).admit) == 4

@@ -80,15 +80,17 @@ async def test_a_full_daemon_refuses_after_the_start_message(
     token = tmp_path / "token"
     token.write_text(TOKEN)
     cfg = make_config(tiny_whisper, vad=False, auth_token_file=str(token), max_streams=1)
-    async with running(cfg) as app:
-        async with connect(ws_url(app, "/v1/stream"), additional_headers=GOOD) as holder:
-            await holder.send(start_msg(stream="holder"))
-            assert json.loads(await holder.recv())["type"] == "ready"
-            async with connect(ws_url(app, "/v1/stream")) as late:  # pre-auth: admitted
-                await late.send(start_msg(stream="late", token=TOKEN))
-                events = await read_all(late)
-            assert late.close_code == 1013
-            assert events == [{"type": "error", "code": 1013, "message": "too many streams"}]
-            with contextlib.suppress(ConnectionClosed):
-                await holder.send('{"type":"stop"}')
-                await asyncio.wait_for(read_all(holder), 30)
+    async with (
+        running(cfg) as app,
+        connect(ws_url(app, "/v1/stream"), additional_headers=GOOD) as holder,
+    ):
+        await holder.send(start_msg(stream="holder"))
+        assert json.loads(await holder.recv())["type"] == "ready"
+        async with connect(ws_url(app, "/v1/stream")) as late:  # pre-auth: admitted
+            await late.send(start_msg(stream="late", token=TOKEN))
+            events = await read_all(late)
+        assert late.close_code == 1013
+        assert events == [{"type": "error", "code": 1013, "message": "too many streams"}]
+        with contextlib.suppress(ConnectionClosed):
+            await holder.send('{"type":"stop"}')
+            await asyncio.wait_for(read_all(holder), 30)
