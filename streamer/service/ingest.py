@@ -414,12 +414,21 @@ class IngestService:
                 message = None
             if message is None or isinstance(message, str):
                 if message is not None:
+                    if len(message) > self.server.max_frame_bytes:
+                        raise ProtocolError("control message over max_frame_bytes",
+                                            CloseCode.MESSAGE_TOO_BIG)  # fmt: skip
                     parse_control(message)  # "stop" is the only control message
                 tail = resampler.flush()
                 if len(tail):
                     await runner.feed(AudioBlock(runner.stream, position, tail,
                                                  resampler.to_rate, self.clock()))  # fmt: skip
                 return shutdown
+            if len(message) > self.server.max_frame_bytes:
+                raise ProtocolError(
+                    f"audio frame of {len(message)} bytes is over the limit of "
+                    f"{self.server.max_frame_bytes} bytes (max_frame_bytes)",
+                    CloseCode.MESSAGE_TOO_BIG,
+                )
             pcm = decoder.decode(message)
             if self.observer is not None:
                 self.observer.audio_received(len(pcm) / rate)

@@ -30,9 +30,9 @@ route. WebSocket handlers of token-protected routes use two methods:
   per-endpoint slots (``max_streams``) only from here on, or before the
   upgrade when ``needs_auth_message`` is False.
 
-Caption subscriptions: ``streams`` (comma-separated; all streams when absent)
-and ``kinds`` (``partial``, ``final``; both when absent). A malformed query,
-an unknown parameter or kind answers HTTP 400 before the upgrade; more than
+Caption subscriptions: ``streams``, ``kinds`` and ``history`` (the recent
+finals first; :mod:`streamer.sinks.captions`). A malformed query, an unknown
+parameter or kind, a bad count answers HTTP 400 before the upgrade; more than
 ``max_subscribers`` authenticated caption connections answer 503 (or, when
 the slots filled while the client authenticated, close 1013).
 
@@ -60,7 +60,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -78,7 +78,8 @@ from streamer.sinks.access import (
     RejectHook,
 )
 from streamer.sinks.access import peer as _peer
-from streamer.sinks.fanout import EVENT_KINDS, Fanout, Subscription
+from streamer.sinks.captions import CaptionQuery, parse_caption_query
+from streamer.sinks.fanout import Fanout, Subscription
 
 __all__ = [
     "CAPTIONS_PATH",
@@ -96,7 +97,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CAPTIONS_PATH = "/v1/captions"
-MAX_STREAM_ID = 256
 
 #: Runs before the upgrade: returns a Response to answer with plain HTTP, or
 #: None to accept the WebSocket (only valid when the route has a handler).
@@ -117,45 +117,6 @@ class Route:
     handler: WsHandler | None = None
     name: str = ""
     auth: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class CaptionQuery:
-    """A parsed ``/v1/captions`` query: ``streams`` None means every stream."""
-
-    streams: frozenset[str] | None
-    kinds: frozenset[str]
-
-
-def parse_caption_query(query: str) -> CaptionQuery:
-    """Parse ``streams=a,b&kinds=partial,final``; raises ValueError with a reason."""
-    try:
-        fields = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
-    except ValueError as exc:
-        raise ValueError(f"malformed query: {exc}") from None
-    streams: set[str] | None = None
-    kinds: set[str] | None = None
-    for key, value in fields:
-        items = [item.strip() for item in value.split(",")]
-        if any(not item for item in items):
-            raise ValueError(f"empty item in {key}={value!r}")
-        if key == "streams":
-            if any(len(item) > MAX_STREAM_ID for item in items):
-                raise ValueError(f"stream id longer than {MAX_STREAM_ID} characters")
-            streams = (streams or set()) | set(items)
-        elif key == "kinds":
-            unknown = sorted(set(items) - EVENT_KINDS)
-            if unknown:
-                raise ValueError(
-                    f"unknown kind {unknown[0]!r} (expected {', '.join(sorted(EVENT_KINDS))})"
-                )
-            kinds = (kinds or set()) | set(items)
-        else:
-            raise ValueError(f"unknown query parameter {key!r} (expected streams, kinds)")
-    return CaptionQuery(
-        streams=None if streams is None else frozenset(streams),
-        kinds=EVENT_KINDS if kinds is None else frozenset(kinds),
-    )
 
 
 class CaptionServer:
@@ -289,7 +250,9 @@ class CaptionServer:
                 self._port,
                 process_request=self._process_request,
                 ssl=self.ssl_context,
-                max_size=self.max_frame_bytes,
+                # Handlers refuse a message over max_frame_bytes with a JSON error;
+                # the protocol layer cuts off only twice that (a bare 1009 close).
+                max_size=2 * self.max_frame_bytes,
                 ping_interval=self.ping_interval or None,
                 ping_timeout=self.ping_timeout or None,
                 server_header=None,
@@ -524,6 +487,7 @@ class CaptionServer:
             query.kinds,
             max_finals=self.queue_finals,
             name=f"ws {_peer(conn)}",
+            history=query.history,
         )
         if self._closing:
             sub.close(self._close_reason)

@@ -383,8 +383,15 @@ async def test_frame_over_the_limit_is_1009(tiny_whisper: Path) -> None:
             await ws.send(start_msg())
             await ws.recv()
             await ws.send(b"\x00" * 8192)
-            await read_all(ws)
+            events = await read_all(ws)
         assert ws.close_code == 1009
+        assert events[-1]["code"] == 1009 and "8192 bytes" in events[-1]["message"]
+        async with connect(ws_url(app, "/v1/stream"), max_size=None) as ws:
+            await ws.send(start_msg())
+            await ws.recv()
+            await ws.send(b"\x00" * 8194)  # over twice the limit: the protocol layer's close
+            events = await read_all(ws)
+        assert ws.close_code == 1009 and not [e for e in events if e.get("type") == "error"]
         await still_serving(app, sub, 1)
 
 
