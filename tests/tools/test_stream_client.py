@@ -102,3 +102,27 @@ async def test_microphone_until_interrupted(
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert events[-1]["type"] == "final"
     assert events[-1]["end"] == pytest.approx(len(audio) / rate, abs=0.2)
+
+
+async def test_fast_long_file_is_throttled_to_the_end(
+    tiny_whisper: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Five minutes sent as fast as the server reads: every final, exit 0, no traceback."""
+    audio, rate = sf.read(CLIP, dtype="float32")
+    seconds = 300
+    long = tmp_path / "long.wav"
+    sf.write(long, np.tile(audio, seconds * rate // len(audio) + 1)[: seconds * rate], rate)
+    cfg = make_config(
+        tiny_whisper, vad=False, max_audio_rate=20.0, audio_burst_s=1.0,
+        ping_interval_s=0.5, ping_timeout_s=0.5,
+    )  # fmt: skip
+    async with running(cfg) as app:
+        args = stream_client.parse_args(
+            [str(long), "--url", base_url(app), "--fast", "--json", "--finals-only"]
+        )
+        assert await stream_client.run(args) == 0
+    out, err = capsys.readouterr()
+    finals = [json.loads(line) for line in out.splitlines()]
+    assert "Traceback" not in err and "done in" in err
+    assert [f["segment"] for f in finals] == list(range(len(finals)))
+    assert finals[-1]["end"] == pytest.approx(seconds, abs=0.01)
