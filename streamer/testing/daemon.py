@@ -25,12 +25,19 @@ __all__ = ["DaemonProcess", "http_status", "tiny_model_config"]
 
 
 def tiny_model_config(
-    model: Path, websocket: str = "", extra: str = "", *, vad: bool = False
+    model: Path,
+    websocket: str = "",
+    extra: str = "",
+    *,
+    streaming: str = "",
+    vad: bool = False,
+    port: int | None = None,
 ) -> str:
     """TOML for a daemon on ``model`` with no configured sources.
 
-    ``websocket`` adds lines to ``[websocket]``, ``extra`` whole sections; the
-    port stays a ``{port}`` placeholder that :meth:`DaemonProcess.start` fills.
+    ``websocket`` and ``streaming`` add lines to those sections, ``extra`` whole
+    sections; without ``port`` the port stays a ``{port}`` placeholder that
+    :meth:`DaemonProcess.start` fills.
     """
     return f"""
 sources = []
@@ -45,13 +52,14 @@ target_language = "en"
 chunk_ms = 500
 max_tokens_per_second = 3.0
 min_tokens = 2
+{streaming}
 
 [vad]
 enabled = {"true" if vad else "false"}
 
 [websocket]
 host = "127.0.0.1"
-port = {{port}}
+port = {"{port}" if port is None else port}
 {websocket}
 
 [console]

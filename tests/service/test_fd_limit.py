@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from streamer.testing.daemon import tiny_model_config
 from streamer.testing.net import free_port
 
 FD_LIMIT = 512
@@ -34,31 +35,8 @@ PROBES, PROBE_EVERY = 8, 0.5  # over 4 s: the flood lands within the first secon
 
 def write_config(tmp_path: Path, model: Path, port: int) -> Path:
     config = tmp_path / "serve.toml"
-    config.write_text(
-        f"""
-sources = []
-
-[model]
-id = "{model}"
-device = "cpu"
-source_language = "en"
-target_language = "en"
-
-[vad]
-enabled = false
-
-[websocket]
-host = "127.0.0.1"
-port = {port}
-
-[console]
-enabled = false
-
-[logging]
-format = "human"
-""",
-        encoding="utf-8",
-    )
+    extra = '[logging]\nformat = "human"\n'
+    config.write_text(tiny_model_config(model, extra=extra, port=port), encoding="utf-8")
     return config
 
 

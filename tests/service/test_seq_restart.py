@@ -30,6 +30,7 @@ from streamer.errors import EX_CONFIG
 from streamer.service.seq_store import STATE_FILE
 from streamer.sinks.fanout import Fanout
 from streamer.sinks.mqtt import MqttSettings, MqttSink
+from streamer.testing.daemon import tiny_model_config
 from streamer.testing.mosquitto import Mosquitto
 from streamer.testing.net import free_port
 from streamer.types import Hypothesis
@@ -47,35 +48,13 @@ RUN_ID = re.compile(r"[0-9a-f]{16}")
 
 def write_config(path: Path, model: Path, port: int, state_dir: Path) -> Path:
     path.write_text(
-        f"""
-sources = []
-
-[model]
-id = "{model}"
-device = "cpu"
-source_language = "en"
-target_language = "en"
-
-[streaming]
-chunk_ms = 500
-max_tokens_per_second = 3.0
-min_tokens = 2
-max_segment_s = 2.0
-
-[vad]
-enabled = false
-
-[websocket]
-host = "127.0.0.1"
-port = {port}
-max_audio_rate = 50.0
-
-[console]
-enabled = false
-
-[service]
-state_dir = "{state_dir}"
-""",
+        tiny_model_config(
+            model,
+            "max_audio_rate = 50.0",
+            f'[service]\nstate_dir = "{state_dir}"\n',
+            streaming="max_segment_s = 2.0",
+            port=port,
+        ),
         encoding="utf-8",
     )
     return path
