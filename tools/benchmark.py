@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -71,29 +72,42 @@ def summarize(values: list[float]) -> dict[str, Any]:
             "max": round(float(arr.max()), 3)}  # fmt: skip
 
 
-def speech(seconds: float, offset: int) -> np.ndarray:
-    """``seconds`` of the test clips joined with short pauses, rotated by ``offset`` clips."""
+@functools.cache
+def clips() -> tuple[np.ndarray, ...]:
+    """The test clips at ``RATE``, decoded once per process (read-only arrays)."""
     from streamer.audio.resample import load_audio
 
     names = sorted(p for p in CLIPS.iterdir() if p.suffix in (".ogg", ".flac", ".wav", ".mp3"))
-    clips = [load_audio(p, RATE) for p in names]
-    clips = clips[offset % len(clips) :] + clips[: offset % len(clips)]
+    out = tuple(load_audio(p, RATE) for p in names)
+    for clip in out:
+        clip.flags.writeable = False
+    return out
+
+
+def speech(seconds: float, offset: int) -> np.ndarray:
+    """``seconds`` of the test clips joined with short pauses, rotated by ``offset`` clips."""
+    decoded = list(clips())
+    decoded = decoded[offset % len(decoded) :] + decoded[: offset % len(decoded)]
     pause = np.zeros(int(0.8 * RATE), dtype=np.float32)
     out: list[np.ndarray] = []
     total = 0
     while total < seconds * RATE:
-        for clip in clips:
+        for clip in decoded:
             out += [clip, pause]
             total += len(clip) + len(pause)
     return np.concatenate(out)[: int(seconds * RATE)]
 
 
 def stream_files(n: int, seconds: float, folder: Path) -> list[Path]:
+    """One file per stream; streams i and i + len(clips()) share one (the same rotation).
+
+    So N = 2000 writes six files, not 2000 (each FileSource still reads its own).
+    """
     import soundfile as sf
 
     paths = []
     for i in range(n):
-        path = folder / f"s{i}.wav"
+        path = folder / f"s{i % len(clips())}.wav"
         if not path.exists():
             sf.write(path, speech(seconds, i), RATE, subtype="PCM_16")
         paths.append(path)
@@ -468,4 +482,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "run_naive", "run_ours", "speech"]
+__all__ = ["clips", "main", "run_naive", "run_ours", "speech", "summarize"]
