@@ -60,7 +60,7 @@ class ModelConfig:
     device: str = _f("auto", pattern=r"auto|cpu|cuda(:\d+)?", lower=True)
     dtype: str = _f(
         "auto",
-        choices=("auto", "float32", "float16", "bfloat16"),
+        choices=("auto", "float32", "float16", "bfloat16", "int8"),
         aliases={"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"},
     )
     source_language: str = _f("fr", pattern=f"auto|{_LANG}", lower=True)
@@ -153,6 +153,17 @@ class WebSocketConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    """Refusing new streams while the engine cannot serve one more in real time."""
+
+    enabled: bool = _f(True)
+    max_engine_load: float = _f(0.9, gt=0.0, max=1.0)
+    max_lag_s: float = _f(5.0, gt=0.0)
+    load_window_s: float = _f(10.0, min=1.0)
+    warmup_streams: int = _f(4, min=1)
+
+
+@dataclass(frozen=True, slots=True)
 class MqttConfig:
     """MQTT output (README "MQTT"); off unless enabled."""
 
@@ -226,6 +237,7 @@ class Config:
     vad: VadConfig = field(default_factory=VadConfig)
     sources: tuple[SourceConfig, ...] = field(default_factory=lambda: (SourceConfig(),))
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     jsonl: JsonlConfig = field(default_factory=JsonlConfig)

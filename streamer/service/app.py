@@ -36,6 +36,7 @@ from streamer.config import (
     resolve_audio_path,
     split_items,
 )
+from streamer.core.admission import AdmissionGate, AdmissionLimits, Demand
 from streamer.core.segmenter import SegmenterSettings
 from streamer.core.session import SessionSettings, StreamSession
 from streamer.core.wire import IngestPolicy
@@ -45,7 +46,7 @@ from streamer.service.ingest import IngestLimits, IngestService
 from streamer.service.logs import register_secret, reload_logging
 from streamer.service.metrics import Metrics
 from streamer.service.seq_store import SeqReservations, SeqStoreError, resolve_state_dir
-from streamer.service.streams import StreamRunner
+from streamer.service.streams import BULK_AHEAD_S, StreamRunner
 from streamer.service.systemd import SystemdService
 from streamer.sinks.caption_page import add_page_routes
 from streamer.sinks.console import ConsoleSink
@@ -71,6 +72,20 @@ SHUTDOWN_STEP_TIMEOUT = 15.0
 #: stragglers' background finals), the engine drains, sinks flush, the server
 #: closes (its own three bounded steps). systemd's TimeoutStopSec must exceed it.
 SHUTDOWN_MAX_S = 7 * SHUTDOWN_STEP_TIMEOUT
+#: How often the engine's load is sampled for admission (``[admission]``).
+ADMISSION_SAMPLE_S = 0.5
+
+
+def admission_limits(cfg: Config) -> AdmissionLimits:
+    """The admission thresholds from ``[admission]`` and ``streaming.max_backlog_s``."""
+    a = cfg.admission
+    return AdmissionLimits(
+        max_engine_load=a.max_engine_load,
+        max_lag_s=a.max_lag_s,
+        max_backlog_s=cfg.streaming.max_backlog_s,
+        window_s=a.load_window_s,
+        warmup_streams=a.warmup_streams,
+    )
 
 
 def session_settings(cfg: Config, sample_rate: int, frame_samples: int) -> SessionSettings:
@@ -392,11 +407,55 @@ class App:
         self._signals = 0
         self.exit_code = 0
         self._sources_open = False
+        self.admission = AdmissionGate(admission_limits(cfg))  # sampled once the engine runs
 
     @property
     def ready(self) -> bool:
         """The model runs and every configured source is open (what /readyz reports)."""
         return self._sources_open and self.engine is not None and self.engine.alive
+
+    @property
+    def saturated(self) -> str | None:
+        """Why new streams are refused now (the engine cannot serve one more in
+        real time; ``[admission]``), else None. /readyz answers 503 with it."""
+        return self._admission() if self.cfg.admission.enabled else None
+
+    def _admission(self) -> str | None:
+        """Sample the engine's load and what is live; the refusal reason or None."""
+        engine, factory = self.engine, self.factory
+        if engine is None or factory is None:
+            return None
+        # Streams running ahead of real time (bulk) lag and keep the engine busy by
+        # design, with work a live stream preempts (see Scheduler): only live
+        # streams and the engine time spent on them count.
+        live = {
+            name: r
+            for name, r in factory.runners.items()
+            if not r.session.done and r.ahead_seconds <= BULK_AHEAD_S
+        }
+        pending = 0  # clients holding a slot whose stream has not started yet
+        if self.ingest is not None:
+            pending = max(0, self.ingest.active - factory.counts().get("client", 0))
+        lags = {name: lag for name, lag in engine.lag().items() if name in live}
+        backlogs = {name: r.backlog_seconds for name, r in live.items()}
+        demand = Demand(len(live) + pending, lags, backlogs)
+        busy = engine.stats.busy_seconds - engine.stats.bulk_seconds
+        return self.admission.update(time.monotonic(), busy, demand)
+
+    async def _sample_load(self) -> None:
+        """Keep the load window sampled between decisions."""
+        while True:
+            try:
+                self._admission()
+            except Exception:  # a bug: say so, keep sampling
+                log.exception("admission: sampling the engine's load failed")
+            await asyncio.sleep(ADMISSION_SAMPLE_S)
+
+    def _admission_detail(self) -> str:
+        if not self.cfg.admission.enabled:
+            return "admission: off"
+        reason = self.admission.reason
+        return f"admission: refusing new streams: {reason}" if reason else "admission: open"
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -546,6 +605,11 @@ class App:
             "mean sequences per engine step",
             lambda: engine.stats.mean_batch,
         )
+        self.metrics.add_counter(
+            "streamer_engine_memory_releases_total",
+            "times the engine, idle after work, gave freed memory back to the system",
+            lambda: float(engine.memory_releases),
+        )
         self._start_sinks()
         factory = self.factory = StreamFactory(
             self.cfg, client, self._publish, run=self.run_id, seqs=self.seqs
@@ -555,6 +619,17 @@ class App:
             "per stream: audio waiting for its final (grows when the engine is behind)",
             lambda: {(name,): r.backlog_seconds for name, r in factory.runners.items()},
             labels=("stream",),
+        )
+        gate, admitting = self.admission, self.cfg.admission.enabled
+        self.metrics.add_gauge(
+            "streamer_engine_load",
+            f"engine busy fraction over the last {gate.limits.window_s:g} s",
+            lambda: gate.load.busy if gate.load is not None else 0.0,
+        )
+        self.metrics.add_gauge(
+            "streamer_admission_saturated",
+            "1 while new streams are refused: the engine cannot serve one more in real time",
+            lambda: float(admitting and gate.saturated),
         )
         self.metrics.add_counter(
             "streamer_input_held_seconds_total",
@@ -568,7 +643,10 @@ class App:
         )
         if self.ingest is not None:
             try:
-                self.ingest.attach(factory, ingest_policy(self.cfg.websocket, client))
+                admission = self._admission if self.cfg.admission.enabled else None
+                self.ingest.attach(
+                    factory, ingest_policy(self.cfg.websocket, client), admission=admission
+                )
             except StreamerError:
                 await self._stop_engine()
                 await self._close_server()
@@ -598,6 +676,7 @@ class App:
             subscribers=lambda: self.server.subscribers if self.server else 0,
         )
         stop_wait = asyncio.create_task(self._stop.wait(), name="stop-wait")
+        sampler = asyncio.create_task(self._sample_load(), name="admission-sampler")
         try:
             if source_tasks and not self.keep_serving:
                 waiting: set[asyncio.Future[Any]] = {stop_wait, *source_tasks}
@@ -610,6 +689,7 @@ class App:
         finally:
             await self._shutdown(source_tasks, factory)
             stop_wait.cancel()
+            sampler.cancel()
         return self.exit_code
 
     def _engine_detail(self) -> str:
@@ -654,7 +734,7 @@ class App:
             ws.port,
             max_subscribers=ws.max_subscribers,
             queue_finals=ws.queue_finals,
-            ready=lambda: self.ready,
+            ready=lambda: self.ready and self.saturated is None,
             access=access,
             ssl_context=ssl_context,
             max_frame_bytes=ws.max_frame_bytes,
@@ -664,6 +744,7 @@ class App:
         )
         self.server.add_route("/metrics", self._serve_metrics, name="metrics", auth=True)
         self.server.add_ready_detail(self._engine_detail)
+        self.server.add_ready_detail(self._admission_detail)
         mqtt = self.mqtt
         if mqtt is not None:
             self.server.add_ready_detail(mqtt.describe)

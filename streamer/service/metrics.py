@@ -68,8 +68,9 @@ Endpoint = Literal["captions", "stream", "metrics"]
 ENDPOINTS: Final[frozenset[str]] = frozenset(get_args(Endpoint))
 
 RejectReason = Literal[
-    "auth", "origin", "limit", "bad_request", "protocol", "rate", "idle", "slow", "shutdown"
-]
+    "auth", "origin", "limit", "saturated", "bad_request", "protocol", "rate", "idle", "slow",
+    "shutdown",
+]  # fmt: skip
 #: Values of the ``reason`` label of ``streamer_rejected_connections_total``:
 #: a connection refused before the upgrade (HTTP status) or closed by the
 #: server for the client's fault (WebSocket close code).
@@ -77,6 +78,7 @@ REJECT_REASONS: Final[Mapping[str, str]] = {
     "auth": "missing or bad token: HTTP 401, or 1008 on a bad/late auth message",
     "origin": "Origin not in allowed_origins: HTTP 403",
     "limit": "too many streams or subscribers: HTTP 503 or close 1013",
+    "saturated": "engine saturated (admission): HTTP 503 or close 1013, with the reason",
     "bad_request": "bad query (HTTP 400) or bad start message (1007/1008: bad JSON, "
     "unknown field, bad value, option not allowed, stream id in use)",
     "protocol": "bad traffic after start: binary before start or text where audio "
