@@ -19,6 +19,7 @@ import soundfile as sf
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from streamer.config import AdmissionConfig
 from streamer.service.app import App
 
 from .test_ingest import make_config, running, start_msg, ws_url
@@ -138,7 +139,11 @@ async def test_max_size_frames_do_not_delay_other_streams(tiny_whisper: Path) ->
     # VAD runs half a second at a time between everybody else's, and the engine
     # serves the live stream before streams that run ahead of real time.
     cfg = make_config(tiny_whisper, vad=True, max_audio_rate=2.0, audio_burst_s=5.0)
-    cfg = dataclasses.replace(cfg, streaming=dataclasses.replace(cfg.streaming, chunk_ms=1000))
+    cfg = dataclasses.replace(
+        cfg,
+        streaming=dataclasses.replace(cfg.streaming, chunk_ms=1000),
+        admission=AdmissionConfig(enabled=False),  # all nine get in: pacing is under test
+    )
     normal = speech(22.0)
     big = speech(32.0)[: 1 << 20]
     async with running(cfg) as app:
