@@ -14,6 +14,7 @@ import contextlib
 import json
 import re
 import signal
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,22 @@ async def until(check: Callable[[], bool], what: str) -> None:
             await asyncio.sleep(0.02)
 
 
+def received_seconds(port: int) -> float:
+    """The daemon's ``streamer_audio_received_seconds_total`` (client audio it read)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        if line.startswith("streamer_audio_received_seconds_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def until_received(daemon: DaemonProcess, seconds: float) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while await asyncio.to_thread(received_seconds, daemon.port) < seconds - 1e-6:
+            await asyncio.sleep(0.02)
+
+
 def covered(events: list[dict[str, Any]]) -> float:
     """The furthest audio any event of the stream showed (seconds)."""
     return max((e["end"] for e in events if e.get("type") in ("partial", "final")), default=0.0)
@@ -77,7 +94,6 @@ async def test_sigterm_flushes_every_client_then_closes_1001(
     daemon = DaemonProcess.start(
         tmp_path, tiny_model_config(tiny_whisper, "max_audio_rate = 4.0"), cli_env
     )
-    # (port 0 in the template is replaced by the daemon's own free port)
     try:
         await daemon.wait_ready()
         quiet_events: list[dict[str, Any]] = []
@@ -97,7 +113,7 @@ async def test_sigterm_flushes_every_client_then_closes_1001(
             # quiet: 3 s of audio, taken by the server (a partial shows it), then silence
             for i in range(0, len(tone(3.0)), 3200):
                 await quiet.send(tone(3.0)[i : i + 3200])
-            await until(lambda: covered(quiet_events) >= 2.5, "quiet partial")
+            await until_received(daemon, 3.0)  # the server took all of it
 
             async def keep_sending() -> None:
                 chunk = tone(0.01)  # small frames, often: one lands mid-shutdown
@@ -107,7 +123,7 @@ async def test_sigterm_flushes_every_client_then_closes_1001(
                         await asyncio.sleep(0.005)  # 2x real time: never throttled
 
             sender = asyncio.create_task(keep_sending())
-            await until(lambda: covered(busy_events) >= 2.0, "busy partial")
+            await until_received(daemon, 4.0)  # and some of busy's audio
             daemon.signal(signal.SIGTERM)  # mid-stream for busy, idle for quiet
             async with asyncio.timeout(TIMEOUT):
                 await asyncio.gather(*readers)
