@@ -70,6 +70,11 @@ class SessionSettings:
     task: str | None = None  # "transcribe" | "translate"; None: the model's configured task
     catch_up: bool = True  # decode waiting segments together (False: one final per segment)
     max_backlog: int = 30 * 16000  # audio not yet finalised before the adapter holds back
+    # No partial while nothing but silence arrived since the segment's last one (its
+    # window would be the same speech with more silence after it): the pass is skipped
+    # until speech resumes. Only possible when ``chunk`` is shorter than the segmenter's
+    # ``endpoint_silence`` (a longer silence ends the segment); finals are unaffected.
+    skip_silent_partials: bool = True
 
     def max_new_tokens(self, window_samples: int, forced: int) -> int:
         seconds = window_samples / self.sample_rate
@@ -124,6 +129,7 @@ class _Segment:
     window_end: int | None = None  # end of the final decode's window
     lang: str | None = None
     shown: bool = False  # a partial of it was emitted
+    heard: int = -1  # the segmenter's last speech end when its last partial was requested
 
 
 class StreamSession:
@@ -371,10 +377,16 @@ class StreamSession:
                 self._open is not None
                 and self.s.partials
                 and self.frontier - self._open.last_decode_end >= self.s.chunk
+                and self._speech_since_partial(self._open)
             ):
                 self._open.last_decode_end = self.frontier
+                self._open.heard = self.segmenter.last_speech_end
                 self._make_request(self._open, "partial", self.frontier)
         self._trim()
+
+    def _speech_since_partial(self, seg: _Segment) -> bool:
+        """Speech arrived since ``seg``'s last partial (see ``skip_silent_partials``)."""
+        return not self.s.skip_silent_partials or self.segmenter.last_speech_end > seg.heard
 
     def _request_final(self, supersedes: int | None = None) -> None:
         seg = self._closing[0]

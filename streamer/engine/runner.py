@@ -34,15 +34,17 @@ keep the dynamic groups.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 
 from streamer.core.session import DecodeResult
 from streamer.engine.beams import BeamSearch
-from streamer.engine.decoding import Decoder, EncodedWindow, find_loop
+from streamer.engine.decoding import Decoder, EncodedWindow, find_loop, project
 from streamer.engine.scheduler import Job
 from streamer.engine.static_decode import StaticDecoder, make_static
 from streamer.engine.whisper_sed import DECODER_MODEL_TYPE
@@ -70,6 +72,62 @@ class _Group:
     @property
     def length(self) -> int:
         return int(self.mask.shape[1])
+
+
+#: Spare columns a self-attention cache buffer grows by (see _GrowingLayer).
+_GROW = 64
+
+
+class _GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
+    """Self-attention K/V as views of buffers with spare columns.
+
+    ``DynamicLayer.update`` concatenates, copying the whole cache every step
+    (rows x heads x length x head size per layer, K and V); here a step writes
+    its column into the buffer, which grows by ``_GROW`` columns when full.
+    Whoever replaces ``keys``/``values`` (row selection, cutting left padding)
+    gets a fresh buffer at the next update. Attention reads the same numbers.
+    """
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self.keys, self.values
+        assert keys is not None and values is not None
+        n = int(keys.shape[-2]) if keys.numel() else 0
+        end = n + int(key_states.shape[-2])
+        kbuf: torch.Tensor | None = getattr(self, "_kbuf", None)
+        vbuf: torch.Tensor | None = getattr(self, "_vbuf", None)
+        if (
+            kbuf is None
+            or vbuf is None
+            or keys is not getattr(self, "_kview", None)
+            or values is not getattr(self, "_vview", None)
+            or kbuf.shape[2] < end
+        ):
+            shape = (*key_states.shape[:2], end + _GROW, key_states.shape[3])
+            kbuf, vbuf = key_states.new_empty(shape), value_states.new_empty(shape)
+            if n:
+                kbuf[:, :, :n] = keys
+                vbuf[:, :, :n] = values
+            self._kbuf, self._vbuf = kbuf, vbuf
+        kbuf[:, :, n:end] = key_states
+        vbuf[:, :, n:end] = value_states
+        keys = self.keys = self._kview = kbuf[:, :, :end]
+        values = self.values = self._vview = vbuf[:, :, :end]
+        return keys, values
+
+
+def _self_cache(kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
+    """A ``DynamicCache`` of growing layers, optionally holding ``kv`` per layer."""
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _GrowingLayer
+    for keys, values in kv or []:
+        layer = _GrowingLayer()  # type: ignore[no-untyped-call]
+        layer.update(keys, values)
+        cache.layers.append(layer)
+    return cache
 
 
 def _pad_time(x: torch.Tensor, dim: int, size: int, left: bool, value: float = 0) -> torch.Tensor:
@@ -110,6 +168,18 @@ class BatchRunner:
         self._searches: dict[int, BeamSearch] = {}  # by id(job), beam search only
         self.groups: list[_Group] = []
         self._pad_id = int(self.m.eos_token_id)
+        # Whisper's decoder (also as an SED's decoder) runs through _whisper_decoder;
+        # other SED decoders compute the logits of the last position only, where they can.
+        self._whisper_lm: Any = None
+        self._keep_last = False
+        if fam == "whisper":
+            self._whisper_lm = self.m.model
+        elif fam == "sed":
+            lm = self.m.model.decoder
+            if getattr(lm.config, "model_type", "") == DECODER_MODEL_TYPE:
+                self._whisper_lm = lm
+            else:
+                self._keep_last = "logits_to_keep" in inspect.signature(lm.forward).parameters
         self.static: StaticDecoder | None = None
         if (compile if static is None else static) and self.batchable:
             self.static = make_static(decoder, compile=compile, max_rows=max_rows)
@@ -171,7 +241,7 @@ class BatchRunner:
             mask[row, width - len(prefix) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         enc, enc_mask = self._stack_encoder([e for _, e, _ in batch])
-        cache = self.d.new_cache()
+        cache = self._new_cache()
         logits = self._forward(ids, mask, positions, enc, enc_mask, cache)
         group = _Group(
             jobs=[job for job, _, _ in batch],
@@ -183,6 +253,9 @@ class BatchRunner:
             last=ids[:, -1].clone(),
         )
         return group, logits
+
+    def _new_cache(self) -> EncoderDecoderCache:
+        return EncoderDecoderCache(_self_cache(), DynamicCache())
 
     def _expand(self, group: _Group, logits: torch.Tensor) -> torch.Tensor:
         """Beam search: k identical rows per window (its search starts from the first)."""
@@ -357,16 +430,23 @@ class BatchRunner:
         """Logits (B, V) of each row's last position, advancing ``cache``."""
         fam = self.m.family
         full = bool(enc_mask.all())
-        head = self.m.model.get_output_embeddings()
-        if fam == "whisper" and not full:  # its decoder takes no cross-attention mask
-            hidden = _whisper_decoder(self.m.model, ids, mask, positions, enc, enc_mask, cache)
-            return head(hidden[:, -1, :]).float()  # type: ignore[no-any-return]
+        if self._whisper_lm is not None:  # Whisper's decoder, run by _whisper_decoder
+            lm = self._whisper_lm
+            hidden = _whisper_decoder(
+                lm, ids, mask, positions, enc, None if full else enc_mask, cache
+            )
+            return project(lm.get_output_embeddings(), hidden[:, -1, :])
         kw: dict[str, Any] = {}
         if not full:
             kw["encoder_attention_mask"] = enc_mask.long()
         if self.position_aware:
             kw["position_ids"] = positions
-        decoder = self.m.model.decoder if fam == "sed" else self.m.model.model.decoder
+        if fam == "sed":  # a *ForCausalLM: logits of the last position only, where it can
+            if self._keep_last:
+                kw["logits_to_keep"] = 1
+            decoder = self.m.model.decoder
+        else:
+            decoder = self.m.model.model.decoder
         out = decoder(
             input_ids=ids,
             attention_mask=mask,
@@ -375,9 +455,10 @@ class BatchRunner:
             use_cache=True,
             **kw,
         )
-        if fam == "sed":  # a *ForCausalLM: logits already
+        if fam == "sed":
             return out.logits[:, -1, :].float()  # type: ignore[no-any-return]
-        return head(out.last_hidden_state[:, -1, :]).float()  # type: ignore[no-any-return]
+        head = self.m.model.get_output_embeddings()
+        return project(head, out.last_hidden_state[:, -1, :])
 
 
 def _whisper_decoder(
@@ -386,26 +467,40 @@ def _whisper_decoder(
     mask: torch.Tensor,
     positions: torch.Tensor,
     enc: torch.Tensor,
-    enc_mask: torch.Tensor,
+    enc_mask: torch.Tensor | None,
     cache: Any,
 ) -> torch.Tensor:
-    """``WhisperDecoder.forward`` plus a cross-attention mask over padded frames."""
-    from transformers.masking_utils import create_causal_mask
+    """``WhisperDecoder.forward`` with a cross-attention mask over padded frames.
 
+    ``model`` is a ``WhisperForConditionalGeneration`` or ``WhisperForCausalLM``
+    (both hold the decoder at ``model.model.decoder``); ``enc_mask`` None:
+    every frame is real. One-token steps build their self-attention mask
+    directly (the left-padding mask; None without padding, as
+    ``create_causal_mask`` returns for one query) instead of through
+    transformers' general mask builder.
+    """
     dec = model.model.decoder
     embeds = dec.embed_tokens(ids)
     past = cache.get_seq_length()
     hidden = embeds + dec.embed_positions(ids, past_key_values_length=past, position_ids=positions)
-    causal = create_causal_mask(
-        config=dec.config,
-        inputs_embeds=embeds,
-        attention_mask=mask,
-        past_key_values=cache,
-        position_ids=positions,
-    )
-    neg = torch.finfo(hidden.dtype).min
-    cross = torch.zeros(enc_mask.shape, dtype=hidden.dtype, device=hidden.device)
-    cross = cross.masked_fill(~enc_mask, neg)[:, None, None, :]
+    causal: Any
+    if ids.shape[1] == 1:
+        causal = None if bool(mask[:, 0].all()) else mask[:, None, None, :].bool()
+    else:
+        from transformers.masking_utils import create_causal_mask
+
+        causal = create_causal_mask(
+            config=dec.config,
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            past_key_values=cache,
+            position_ids=positions,
+        )
+    cross = None
+    if enc_mask is not None:
+        neg = torch.finfo(hidden.dtype).min
+        cross = torch.zeros(enc_mask.shape, dtype=hidden.dtype, device=hidden.device)
+        cross = cross.masked_fill(~enc_mask, neg)[:, None, None, :]
     for layer in dec.layers:
         hidden = layer(
             hidden,
@@ -441,11 +536,10 @@ def _select(group: _Group, rows: list[int]) -> None:
 
 def _concat(a: _Group, b: _Group) -> _Group:
     """One group holding the rows of both (caches padded to a common shape)."""
-    from transformers.cache_utils import EncoderDecoderCache
-
     length = max(a.length, b.length)
     frames = max(a.enc.shape[1], b.enc.shape[1])
-    layers = []
+    self_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
     for la, lb, ca, cb in zip(
         a.cache.self_attention_cache.layers,
         b.cache.self_attention_cache.layers,
@@ -453,7 +547,7 @@ def _concat(a: _Group, b: _Group) -> _Group:
         b.cache.cross_attention_cache.layers,
         strict=True,
     ):
-        layers.append(
+        self_kv.append(
             (
                 torch.cat(
                     [_pad_time(la.keys, 2, length, True), _pad_time(lb.keys, 2, length, True)]
@@ -461,6 +555,10 @@ def _concat(a: _Group, b: _Group) -> _Group:
                 torch.cat(
                     [_pad_time(la.values, 2, length, True), _pad_time(lb.values, 2, length, True)]
                 ),
+            )
+        )
+        cross_kv.append(
+            (
                 torch.cat(
                     [_pad_time(ca.keys, 2, frames, False), _pad_time(cb.keys, 2, frames, False)]
                 ),
@@ -469,8 +567,8 @@ def _concat(a: _Group, b: _Group) -> _Group:
                 ),
             )
         )
-    cache = EncoderDecoderCache(layers)
-    for i in range(len(layers)):
+    cache = EncoderDecoderCache(_self_cache(self_kv), DynamicCache(cross_kv))
+    for i in range(len(cross_kv)):
         cache.is_updated[i] = True
     return _Group(
         jobs=a.jobs + b.jobs,

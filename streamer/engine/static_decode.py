@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from streamer.engine.decoding import project
 from streamer.engine.whisper_sed import DECODER_MODEL_TYPE
 
 if TYPE_CHECKING:
@@ -177,7 +178,7 @@ class _Whisper(_Arch):
         return h + layer.fc2(x)  # type: ignore[no-any-return]
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.out(self.dec.layer_norm(h))  # type: ignore[no-any-return]
+        return project(self.out, self.dec.layer_norm(h)[:, -1, :])[:, None, :]
 
 
 class _Bert(_Arch):
@@ -233,7 +234,7 @@ class _GPT2(_Arch):
         return h + block.mlp(block.ln_2(h))  # type: ignore[no-any-return]
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm.lm_head(self.tr.ln_f(h))  # type: ignore[no-any-return]
+        return project(self.lm.lm_head, self.tr.ln_f(h)[:, -1, :])[:, None, :]
 
 
 def _arch(decoder: Decoder) -> tuple[_Arch | None, str]:

@@ -442,3 +442,27 @@ def test_an_empty_final_after_partials_retracts_them():
     # the shown segment gets an empty final; the never-shown one gets nothing
     assert [(f.segment, f.text) for f in finals] == [(0, "")]
     assert [r.segment for r in requests if r.kind == "final"] == [0, 1]
+
+
+def test_no_partial_for_a_pause_without_new_speech():
+    """chunk (0.2 s) shorter than the endpointing silence (0.5 s): a 0.4 s pause gets no
+    partial of its own; the next comes with the speech after it; the final is the same."""
+    audio = np.concatenate([speech(1), silence(0.4), speech(1), silence(1)])
+    runs = {}
+    for skip in (True, False):
+        s = StreamSession("a", settings_(chunk=SR // 5, skip_silent_partials=skip))
+        events, requests = drive(s, audio, block=80)
+        runs[skip] = ([e.text for e in events if e.kind == "final"], requests)
+    loud = np.asarray(probs(audio)) > 0.5
+
+    def silent_partials(requests):
+        partials = [r for r in requests if r.kind == "partial"]
+        return [
+            b for a, b in itertools.pairwise(partials) if not loud[a.end // 80 : b.end // 80].any()
+        ]
+
+    (finals_on, reqs_on), (finals_off, reqs_off) = runs[True], runs[False]
+    assert silent_partials(reqs_off) and not silent_partials(reqs_on)
+    assert len(reqs_on) < len(reqs_off)
+    words = [f"w{b}" for b in range(24) if not 10 <= b < 14]
+    assert finals_on == finals_off == [" ".join(words)]
