@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,12 @@ from streamer.service.exposure import exposure_warnings
 from streamer.service.logs import configure_logging, report_error
 
 log = logging.getLogger("streamer")
+
+# OpenMP threads that spin while waiting turn every decode step 10-20x slower as
+# soon as another process takes a core of a small machine (tools/profile_engine.py,
+# README "Where the CPU time goes"); passive waiting costs nothing when it is
+# quiet. Set before torch loads (it is imported lazily); the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _config(args: argparse.Namespace) -> Config:

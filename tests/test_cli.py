@@ -506,3 +506,19 @@ def test_serve_with_json_logs_writes_only_json_lines(cli_env: dict[str, str]) ->
     assert last["level"] == "error" and last["exit_code"] == proc.returncode
     assert f"cannot listen on 127.0.0.1:{port}" in last["message"]
     assert "Traceback" not in proc.stderr
+
+
+def test_openmp_threads_wait_passively_unless_the_environment_says_otherwise() -> None:
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import os, sys, streamer.cli; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["PASSIVE", "False"], out.stderr  # set before torch loads
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["ACTIVE", "False"], out.stderr
