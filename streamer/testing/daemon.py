@@ -8,6 +8,7 @@ by PID like systemd does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -15,13 +16,36 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from streamer.testing.net import free_port
 
-__all__ = ["DaemonProcess", "http_status", "tiny_model_config"]
+if TYPE_CHECKING:
+    from streamer.config import Config
+    from streamer.service.app import App
+
+__all__ = ["DaemonProcess", "http_status", "running_app", "tiny_model_config"]
+
+
+@contextlib.asynccontextmanager
+async def running_app(cfg: Config, timeout: float = 60.0) -> AsyncIterator[App]:
+    """The daemon in this process (``App``), ready; stopped on the way out (exit 0)."""
+    from streamer.service.app import App
+
+    app = App(cfg, keep_serving=True)
+    task = asyncio.create_task(app.run(), name="app")
+    async with asyncio.timeout(timeout):
+        while not app.ready:
+            assert not task.done(), task.exception()
+            await asyncio.sleep(0.02)
+    try:
+        yield app
+    finally:
+        app.request_stop()
+        assert await asyncio.wait_for(task, timeout) == 0
 
 
 def tiny_model_config(

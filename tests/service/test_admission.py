@@ -16,7 +16,6 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from streamer.config import (
     WebSocketConfig,
 )
 from streamer.service.app import App
+from streamer.testing.daemon import running_app
 
 TIMEOUT = 60.0  # only a hang reaches it
 RATE = 16000
@@ -56,19 +56,8 @@ def config(model: Path, **admission: Any) -> Config:
     )
 
 
-@contextlib.asynccontextmanager
-async def running(cfg: Config) -> AsyncIterator[App]:
-    app = App(cfg, keep_serving=True)
-    task = asyncio.create_task(app.run(), name="app")
-    async with asyncio.timeout(TIMEOUT):
-        while not app.ready:
-            assert not task.done(), task.exception()
-            await asyncio.sleep(0.02)
-    try:
-        yield app
-    finally:
-        app.request_stop()
-        assert await asyncio.wait_for(task, TIMEOUT) == 0
+def running(cfg: Config) -> contextlib.AbstractAsyncContextManager[App]:
+    return running_app(cfg, TIMEOUT)
 
 
 def get(app: App, path: str) -> tuple[int, str]:

@@ -36,6 +36,7 @@ from streamer.config import (
 )
 from streamer.errors import ConfigError
 from streamer.service.app import App
+from streamer.testing.daemon import running_app
 from streamer.types import Hypothesis
 
 from ..conftest import check_wire_event
@@ -57,19 +58,8 @@ def make_config(model: Path, vad: bool = True, **ws: Any) -> Config:
     )
 
 
-@contextlib.asynccontextmanager
-async def running(cfg: Config) -> AsyncIterator[App]:
-    app = App(cfg, keep_serving=True)
-    task = asyncio.create_task(app.run(), name="app")
-    async with asyncio.timeout(TIMEOUT):
-        while not app.ready:
-            assert not task.done(), task.exception()
-            await asyncio.sleep(0.02)
-    try:
-        yield app
-    finally:
-        app.request_stop()
-        assert await asyncio.wait_for(task, TIMEOUT) == 0
+def running(cfg: Config) -> contextlib.AbstractAsyncContextManager[App]:
+    return running_app(cfg, TIMEOUT)
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ from streamer.sinks.access import (
 from streamer.sinks.caption_page import add_page_routes
 from streamer.sinks.fanout import Fanout
 from streamer.sinks.websocket import CaptionServer
+from streamer.testing.daemon import running_app
 from streamer.types import Hypothesis
 
 TIMEOUT = 5.0
@@ -422,19 +423,8 @@ def test_exposure_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 # -- the daemon's defaults ----------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def running(cfg: Config) -> AsyncIterator[App]:
-    app = App(cfg, keep_serving=True)
-    task = asyncio.create_task(app.run(), name="app")
-    async with asyncio.timeout(120):
-        while not app.ready:
-            assert not task.done(), task.exception()
-            await asyncio.sleep(0.02)
-    try:
-        yield app
-    finally:
-        app.request_stop()
-        assert await asyncio.wait_for(task, 60) == 0
+def running(cfg: Config) -> contextlib.AbstractAsyncContextManager[App]:
+    return running_app(cfg, 120)
 
 
 async def test_daemon_defaults_admit_only_its_own_page(
