@@ -60,7 +60,7 @@ class ModelConfig:
     device: str = _f("auto", pattern=r"auto|cpu|cuda(:\d+)?", lower=True)
     dtype: str = _f(
         "auto",
-        choices=("auto", "float32", "float16", "bfloat16"),
+        choices=("auto", "float32", "float16", "bfloat16", "int8"),
         aliases={"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"},
     )
     source_language: str = _f("fr", pattern=f"auto|{_LANG}", lower=True)

@@ -10,8 +10,11 @@ mBART...), Speech2Text, and anything else ``AutoModelForSpeechSeq2Seq`` loads.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +36,18 @@ _DTYPES = {
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
 }
+#: Weight-only precisions: the name, and the dtype its weights are stored in. The
+#: activations (``LoadedModel.dtype``) stay float32.
+_QUANTIZED_DTYPES = {"int8": torch.qint8}
+
+#: CPU flags (``/proc/cpuinfo``) under which ``dtype = "auto"`` picks bfloat16. AMX
+#: (``amx_bf16``) qualifies by measurement (README "Precision": faster than float32, WER
+#: within a point) but is not enabled yet: tests of other modules assume that ``auto`` is
+#: float32 on a CPU (tests/engine/test_loader.py, test_whisper_sed.py); enabling it is
+#: ``frozenset({"amx_bf16"})`` once they pin float32.
+AUTO_BF16_CPU_FLAGS: frozenset[str] = frozenset()
+#: CPU flags of int8 dot products (VNNI, AMX): int8 layers use 8-bit activations there.
+INT8_CPU_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +71,7 @@ class LoadedModel:
     tokenizer: Any
     family: Family
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the activations (and of the weights, except int8)
     sample_rate: int
     spec: ModelSpec
     path: str
@@ -66,6 +81,7 @@ class LoadedModel:
     lang_to_id: dict[str, int] = field(default_factory=dict)  # "fr" -> token id
     task_to_id: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    precision: str = "float32"  # float32 | float16 | bfloat16 | int8 (int8 Linear weights)
 
     @property
     def name(self) -> str:
@@ -96,15 +112,62 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (``/proc/cpuinfo``; empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def int8_supported() -> bool:
+    """Whether PyTorch's quantized CPU kernels (fbgemm or oneDNN) are there."""
+    engines = set(torch.backends.quantized.supported_engines)
+    return bool(engines & {"x86", "fbgemm", "onednn"}) and hasattr(
+        torch.ops.quantized, "linear_dynamic"
+    )
+
+
+def resolve_precision(dtype: str, device: torch.device, flags: frozenset[str] | None = None) -> str:
+    """The precision a ``[model] dtype`` means here: float32, float16, bfloat16 or int8.
+
+    ``auto``: on CUDA bfloat16 where supported, else float16; on a CPU bfloat16
+    where it has a flag of ``AUTO_BF16_CPU_FLAGS`` (none yet), else float32.
+    Measured on Whisper base with AMX (README, "Precision"): bfloat16 encodes
+    2.4x faster than float32, transcribes 1.3x faster, WER within a point;
+    int8 transcribes 1.5x faster, but its streaming WER on the English clips
+    was 1.2 points above float32's, so ``auto`` never picks it. Without AMX
+    bfloat16 is unmeasured (AVX512-BF16 alone) or ~27x slower in convolutions
+    (AVX2). ``flags``: the CPU's flags (default: this CPU's, ``/proc/cpuinfo``).
+    """
     if dtype == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32  # bf16 convolutions are ~27x slower on AVX2 CPUs
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        flags = cpu_flags() if flags is None else flags
+        return "bfloat16" if flags & AUTO_BF16_CPU_FLAGS else "float32"
+    if dtype in _QUANTIZED_DTYPES:
+        if device.type != "cpu":
+            raise ConfigError(
+                f"dtype {dtype!r} runs on the CPU only (device {device})", key="model.dtype"
+            )
+        return dtype
     try:
-        return _DTYPES[dtype]
+        return str(_DTYPES[dtype]).removeprefix("torch.")
     except KeyError:
         raise ConfigError(f"unknown dtype {dtype!r}", key="model.dtype") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The activation dtype of a ``[model] dtype`` (float32 for int8, whose weights
+    alone are int8)."""
+    precision = resolve_precision(dtype, device)
+    return torch.float32 if precision in _QUANTIZED_DTYPES else _DTYPES[precision]
 
 
 def resolve_checkpoint(model_id: str, cache_dir: str = "") -> str:
@@ -189,7 +252,10 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     route_transformers_logs()
     path = resolve_checkpoint(spec.id, spec.cache_dir)
     device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, device)
+    precision = resolve_precision(spec.dtype, device)
+    dtype = torch.float32 if precision in _QUANTIZED_DTYPES else _DTYPES[precision]
+    if precision == "int8" and not int8_supported():
+        raise ModelLoadError("dtype int8: this PyTorch build has no quantized CPU kernels")
     config = _from_pretrained(AutoConfig, path)
     family = _family(config)
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -198,6 +264,10 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     model = _from_pretrained(AutoModelForSpeechSeq2Seq, path, **kwargs)
     model.to(device)
     model.eval()
+    if precision == "int8":  # loaded in float32 above; the Linear weights become int8
+        t0 = time.perf_counter()
+        count = quantize_int8(model)
+        log.info("int8: %d Linear layers quantized in %.2f s", count, time.perf_counter() - t0)
     feature_extractor = _from_pretrained(AutoFeatureExtractor, path)
     tokenizer = _from_pretrained(AutoTokenizer, path)
     gen = model.generation_config
@@ -221,6 +291,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         eos_token_id=int(eos),
         suppress_tokens=tuple(getattr(gen, "suppress_tokens", None) or ()),
         begin_suppress_tokens=tuple(getattr(gen, "begin_suppress_tokens", None) or ()),
+        precision=precision,
     )
     # SED checkpoints with Whisper's decoder (streamer.engine.whisper_sed) carry
     # Whisper's prompt tables and take Whisper's prompt (sot, language, task,
@@ -230,12 +301,13 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     else:
         _target_language_token(loaded)
     log.info(
-        "loaded %s (%s, %.1fM parameters) on %s as %s",
+        "loaded %s (%s, %.1fM parameters) on %s as %s%s",
         spec.id,
         family,
         sum(p.numel() for p in model.parameters()) / 1e6,
         device,
-        str(dtype).removeprefix("torch."),
+        precision,
+        f" (dtype {spec.dtype})" if spec.dtype == "auto" else "",
     )
     return loaded
 
@@ -297,3 +369,82 @@ def _target_language_token(m: LoadedModel) -> None:
             return
     if forced_bos is not None:
         m.extra["lang_token"] = int(forced_bos)
+
+
+# -- int8 --------------------------------------------------------------------------------
+
+
+class Int8Linear(torch.nn.Module):
+    """A ``nn.Linear`` (or GPT-2's ``Conv1D``) with int8 weights, one scale per output.
+
+    It runs PyTorch's dynamic quantized linear kernel (fbgemm/oneDNN, the one
+    ``torch.ao.quantization.quantize_dynamic`` installs), which quantizes its
+    input with one scale for the whole tensor: a row's result would then depend
+    on the other rows of its batch (and a padded prefix on its padding), and
+    batched decoding would not give the tokens of decoding alone. So each row
+    is first divided by its own largest magnitude, and two constant columns
+    (+1 and -1, with zero weights) pin the tensor's range to [-1, 1]: the
+    kernel's quantization parameters are then the same for every input, each
+    row is quantized on its own scale (per token, more precise than per
+    tensor), and the result is multiplied back by that scale. Activations use
+    all 8 bits where the CPU has VNNI/AMX int8 dot products (7 bits elsewhere,
+    as PyTorch does, against the int16 overflow of AVX2's ``vpmaddubsw``):
+    on Whisper base 8 bits left half of the clips' offline decodes identical
+    to float32, 7 bits a third.
+    """
+
+    _anchors: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = (int(n) for n in weight.shape)
+        w = torch.nn.functional.pad(weight.detach().float(), (0, 2))  # anchor columns
+        with warnings.catch_warnings():  # torch.ao's quantized tensors are deprecated
+            warnings.simplefilter("ignore")
+            observer = torch.ao.quantization.default_per_channel_weight_observer()
+            observer(w)
+            scales, zero_points = observer.calculate_qparams()
+            qweight = torch.quantize_per_channel(w, scales, zero_points, 0, torch.qint8)
+            self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float(), False)
+        self.reduce_range = not cpu_flags() & INT8_CPU_FLAGS
+        self.register_buffer("_anchors", torch.tensor([1.0, -1.0]), persistent=False)
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module) -> Int8Linear:
+        weight, bias = module.weight, module.bias
+        assert isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor | None)
+        if not isinstance(module, torch.nn.Linear):  # Conv1D: (in, out)
+            weight = weight.t()
+        return cls(weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+        anchors = self._anchors.expand(*x.shape[:-1], 2)
+        xs = torch.cat([x / scale, anchors], dim=-1)
+        y: torch.Tensor = torch.ops.quantized.linear_dynamic(xs, self._packed, self.reduce_range)
+        y = y * scale
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        bits = 7 if self.reduce_range else 8
+        return f"in_features={self.in_features}, out_features={self.out_features}, {bits}-bit rows"
+
+
+def quantize_int8(model: torch.nn.Module) -> int:
+    """Swap every ``nn.Linear`` and ``Conv1D`` of a float32 CPU model for :class:`Int8Linear`.
+
+    Convolutions (Whisper's and wav2vec2's front ends), embeddings and norms
+    stay float32. Returns how many layers were swapped.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    swaps = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, (torch.nn.Linear, Conv1D))
+    ]
+    for parent, name, child in swaps:
+        setattr(parent, name, Int8Linear.from_module(child))
+    return len(swaps)
