@@ -68,6 +68,7 @@ class ModelConfig:
     task: str = _f("auto", choices=("auto", "transcribe", "translate"))
     num_beams: int = _f(1, min=1)
     cache_dir: str = _f("", path=True)
+    alignment_heads: str = _f("", items=r"\d+:\d+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,14 @@ class StreamingConfig:
     max_window_s: float = _f(30.0, gt=0.0)
     endpoint_silence_ms: int = _f(600, min=100)
     agreement_n: int = _f(2, min=0)
+    policy: str = _f(
+        "local_agreement",
+        choices=("local_agreement", "alignatt"),
+        aliases={"la": "local_agreement", "localagreement": "local_agreement"},
+    )
+    alignatt_frames: int = _f(25, min=1)
+    partial_holdback_words: int = _f(0, min=0)
+    word_timestamps: bool = _f(True)
     max_tokens_per_second: float = _f(8.0, gt=0.0)
     min_tokens: int = _f(8, min=1)
     prompt_max_tokens: int = _f(64, min=0)

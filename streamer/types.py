@@ -34,6 +34,18 @@ class AudioBlock:
 
 
 @dataclass(frozen=True, slots=True)
+class Word:
+    """One word of a caption with its audio span (stream seconds)."""
+
+    word: str  # as the model wrote it, leading space included
+    start: float
+    end: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"word": self.word, "start": round(self.start, 3), "end": round(self.end, 3)}
+
+
+@dataclass(frozen=True, slots=True)
 class Hypothesis:
     """A caption event: a partial (may change) or a final (never changes).
 
@@ -54,12 +66,13 @@ class Hypothesis:
     latency_ms: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     run: str | None = None  # id of the daemon process that numbered it (None: offline)
+    words: tuple[Word, ...] = ()  # finals: every word; partials: the committed ones
 
     @classmethod
     def from_wire(cls, obj: dict[str, Any]) -> Hypothesis:
         """Parse a caption event (clients of the daemon); unknown keys go to ``extra``."""
         known = {"v", "type", "stream", "segment", "seq", "text", "committed", "tentative",
-                 "start", "end", "lang", "latency_ms", "run"}  # fmt: skip
+                 "start", "end", "lang", "latency_ms", "run", "words"}  # fmt: skip
         if obj.get("type") not in ("partial", "final"):
             raise ValueError(f"not a caption event: type {obj.get('type')!r}")
         return cls(
@@ -76,6 +89,10 @@ class Hypothesis:
             latency_ms=obj.get("latency_ms"),
             extra={k: v for k, v in obj.items() if k not in known},
             run=None if obj.get("run") is None else str(obj["run"]),
+            words=tuple(
+                Word(str(w["word"]), float(w["start"]), float(w["end"]))
+                for w in obj.get("words") or ()
+            ),
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -97,5 +114,7 @@ class Hypothesis:
         out["end"] = round(self.end, 3)
         out["lang"] = self.lang
         out["latency_ms"] = None if self.latency_ms is None else round(self.latency_ms, 1)
+        if self.words:
+            out["words"] = [w.to_wire() for w in self.words]
         out.update(self.extra)
         return out

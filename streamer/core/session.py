@@ -41,10 +41,11 @@ from typing import Literal
 import numpy as np
 
 from streamer.core.segmenter import Segmenter, SegmenterSettings, SpeechEnded, SpeechStarted
-from streamer.core.stabilizer import LocalAgreement
+from streamer.core.stabilizer import AlignAtt, LocalAgreement
 from streamer.core.text import complete_utf8, render, word_boundaries
 from streamer.core.window import AudioBuffer
-from streamer.types import FloatArray, Hypothesis
+from streamer.core.words import words_of
+from streamer.types import FloatArray, Hypothesis, Word
 
 RequestKind = Literal["partial", "final"]
 
@@ -75,6 +76,10 @@ class SessionSettings:
     # until speech resumes. Only possible when ``chunk`` is shorter than the segmenter's
     # ``endpoint_silence`` (a longer silence ends the segment); finals are unaffected.
     skip_silent_partials: bool = True
+    policy: Literal["local_agreement", "alignatt"] = "local_agreement"
+    alignatt_frames: int = 25  # AlignAtt: the newest encoder frames a committed token avoids
+    partial_holdback_words: int = 0  # tentative words left out of partials (from the end)
+    word_timestamps: bool = True  # finals and committed partial text carry ``words``
 
     def max_new_tokens(self, window_samples: int, forced: int) -> int:
         seconds = window_samples / self.sample_rate
@@ -103,6 +108,10 @@ class DecodeRequest:
     task: str | None = None  # None: the model's configured task
     supersedes: int | None = None  # a request of this stream whose result is no longer wanted
     bulk: bool = False  # input arriving faster than real time: served after live streams
+    # AlignAtt (> 0): stop at the first new token whose cross-attention peak lies in the
+    # last ``alignatt_frames`` encoder frames of ``audio`` (that token is still returned).
+    alignatt_frames: int = 0
+    words: bool = False  # return each token's frame span (word timestamps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,13 +124,18 @@ class DecodeResult:
     looped: bool = False
     lang: str | None = None
     error: str | None = None
+    # Alignment (DESIGN.md section 3), in encoder frames of the window's audio:
+    peaks: tuple[int, ...] = ()  # per token of ``tokens``: its attention peak frame
+    spans: tuple[tuple[int, int], ...] = ()  # per forced + new token: (start, end) frames
+    frame_samples: int = 0  # audio samples per encoder frame
+    audio_frames: int = 0  # frames covering the window's audio
 
 
 @dataclass(slots=True)
 class _Segment:
     index: int
     start: int
-    agreement: LocalAgreement
+    agreement: LocalAgreement | AlignAtt
     ctx_start: int
     last_decode_end: int
     committed_pieces: list[bytes] = field(default_factory=list)
@@ -130,6 +144,7 @@ class _Segment:
     lang: str | None = None
     shown: bool = False  # a partial of it was emitted
     heard: int = -1  # the segmenter's last speech end when its last partial was requested
+    words: tuple[Word, ...] = ()  # timed words of the committed text (latest partial)
 
 
 class StreamSession:
@@ -233,7 +248,7 @@ class StreamSession:
             if result.error is None:
                 self._apply_partial(seg, req, result)
         else:
-            self._emit_final(seg, result)
+            self._emit_final(seg, result, req)
         self._schedule()
 
     # ----------------------------------------------------------------- output
@@ -300,7 +315,11 @@ class StreamSession:
         seg = _Segment(
             index=self._next_segment,
             start=start,
-            agreement=LocalAgreement(self.s.agreement_n),
+            agreement=(
+                AlignAtt(self.s.alignatt_frames)
+                if self.s.policy == "alignatt"
+                else LocalAgreement(self.s.agreement_n)
+            ),
             ctx_start=ctx,
             last_decode_end=start,
             lang=self.s.lang,
@@ -354,6 +373,10 @@ class StreamSession:
             lang=seg.lang,
             task=self.s.task,
             supersedes=supersedes,
+            alignatt_frames=self.s.alignatt_frames
+            if kind == "partial" and self.s.policy == "alignatt"
+            else 0,
+            words=self.s.word_timestamps,
         )
         self._next_request += 1
         self._in_flight[req.request_id] = (req, seg)
@@ -433,16 +456,26 @@ class StreamSession:
             return  # the segment closed meanwhile: its final supersedes this partial
         if len(result.pieces) != len(result.tokens):
             raise ValueError("a result needs one byte piece per token")
+        forced = len(seg.committed_pieces)
+        boundaries = word_boundaries(list(result.pieces))
         if result.looped:
             # The decoder was cut in a loop: show what came before it, but let
             # neither this hypothesis nor the ones before it commit anything.
             seg.agreement.forget_tails(result.tokens)
             newly: tuple[int, ...] = ()
+        elif isinstance(seg.agreement, AlignAtt):
+            newly = seg.agreement.update(
+                result.tokens, boundaries, result.peaks, result.audio_frames
+            )
         else:
-            newly = seg.agreement.update(result.tokens, word_boundaries(list(result.pieces)))
+            newly = seg.agreement.update(result.tokens, boundaries)
         seg.committed_pieces.extend(result.pieces[: len(newly)])
-        tentative = b"".join(result.pieces[len(newly) :])
+        shown = len(newly) + len(seg.agreement.tentative)
+        tentative = b"".join(held_back(result.pieces[len(newly) : shown],
+                                       self.s.partial_holdback_words))  # fmt: skip
         committed_text, tentative_text = render(b"".join(seg.committed_pieces), tentative)
+        if result.spans:
+            seg.words = self._words(req, seg.committed_pieces, result, forced + len(newly))
         text = committed_text + tentative_text
         if not text.strip():
             return
@@ -459,14 +492,31 @@ class StreamSession:
                 start=seg.start / self.s.sample_rate,
                 end=req.end / self.s.sample_rate,
                 lang=seg.lang,
+                words=seg.words,
             )
         )
 
-    def _emit_final(self, seg: _Segment, result: DecodeResult) -> None:
+    def _words(
+        self, req: DecodeRequest, pieces: list[bytes], result: DecodeResult, count: int
+    ) -> tuple[Word, ...]:
+        """Timed words of the first ``count`` tokens (forced first) of ``result``."""
+        return words_of(
+            pieces[:count],
+            result.spans[:count],
+            offset=req.start,
+            frame_samples=result.frame_samples,
+            sample_rate=self.s.sample_rate,
+            limit=req.end,
+        )
+
+    def _emit_final(self, seg: _Segment, result: DecodeResult, req: DecodeRequest) -> None:
         popped = self._closing.popleft()
         assert popped is seg
         pieces = seg.committed_pieces + ([] if result.error else list(result.pieces))
         tokens = list(seg.agreement.committed) + ([] if result.error else list(result.tokens))
+        words = seg.words
+        if result.spans and not result.error:
+            words = self._words(req, pieces, result, len(pieces))
         text, _ = complete_utf8(b"".join(pieces))
         text = text.strip()
         self._history.extend(tokens)
@@ -484,6 +534,7 @@ class StreamSession:
                 start=seg.start / self.s.sample_rate,
                 end=seg.end / self.s.sample_rate,
                 lang=seg.lang,
+                words=words,
             )
         )
 
@@ -498,3 +549,13 @@ class StreamSession:
     def _next_seq(self) -> int:
         self._seq += 1
         return self._seq
+
+
+def held_back(pieces: tuple[bytes, ...] | list[bytes], words: int) -> list[bytes]:
+    """``pieces`` without their last ``words`` words (``partial_holdback_words``)."""
+    pieces = list(pieces)
+    if words <= 0 or not pieces:
+        return pieces
+    bounds = word_boundaries(pieces)
+    starts = [j for j in range(len(pieces)) if bounds[j]]
+    return pieces[: starts[-words]] if len(starts) >= words else []

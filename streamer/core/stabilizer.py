@@ -1,10 +1,18 @@
-"""LocalAgreement-n stabilisation of consecutive hypotheses.
+"""Stabilisation policies: LocalAgreement-n and AlignAtt.
+
+LocalAgreement-n:
 
 Each hypothesis of a segment is decoded with the tokens committed so far as a
 forced prefix, so it arrives as ``committed + new``. The longest common prefix
 of the last ``n`` new-token tails is committed; what follows is tentative.
 Committed tokens only ever grow (append-only); ``n == 0`` turns commits off,
 so that a segment's final is the plain greedy decode of its audio.
+
+AlignAtt (Papi et al., 2023): the engine stops a partial decode at the first
+token whose cross-attention peak lies in the last ``frames`` encoder frames of
+the audio received so far (that token is returned too); the tokens before it
+are committed at once, shortened to a word boundary. The cut-off word stays
+tentative; nothing after the stop is shown. No waiting for agreement.
 """
 
 from __future__ import annotations
@@ -83,4 +91,63 @@ class LocalAgreement:
         """Start a new segment."""
         self._committed.clear()
         self._tails.clear()
+        self._tentative = ()
+
+
+class AlignAtt:
+    """Commits what the decoder wrote before its attention reached the newest audio."""
+
+    def __init__(self, frames: int) -> None:
+        if frames < 1:
+            raise ValueError("alignatt frames must be >= 1")
+        self.frames = frames
+        self._committed: list[int] = []
+        self._tentative: tuple[int, ...] = ()
+
+    @property
+    def committed(self) -> tuple[int, ...]:
+        return tuple(self._committed)
+
+    @property
+    def tentative(self) -> tuple[int, ...]:
+        return self._tentative
+
+    def stop_index(self, peaks: Sequence[int], audio_frames: int) -> int:
+        """Index of the first token attending to the last ``frames`` frames (else the end)."""
+        for i, peak in enumerate(peaks):
+            if peak >= audio_frames - self.frames:
+                return i
+        return len(peaks)
+
+    def update(
+        self,
+        new_tokens: Sequence[int],
+        boundaries: Sequence[bool],
+        peaks: Sequence[int],
+        audio_frames: int,
+    ) -> tuple[int, ...]:
+        """Take the tokens after the committed prefix and their peaks; return newly committed.
+
+        Without one peak per token nothing is committed (the engine could not
+        read the attention).
+        """
+        tail = tuple(new_tokens)
+        if len(peaks) != len(tail):
+            self._tentative = tail
+            return ()
+        stop = self.stop_index(peaks, audio_frames)
+        k = stop
+        while k > 0 and not boundaries[k]:
+            k -= 1
+        newly = tail[:k]
+        self._committed.extend(newly)
+        self._tentative = tail[k:stop]
+        return newly
+
+    def forget_tails(self, tentative: Sequence[int]) -> None:
+        """A looping decode commits nothing; show what came before the loop."""
+        self._tentative = tuple(tentative)
+
+    def reset(self) -> None:
+        self._committed.clear()
         self._tentative = ()

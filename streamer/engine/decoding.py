@@ -23,6 +23,14 @@ import numpy as np
 import torch
 
 from streamer.core.session import DecodeRequest, DecodeResult
+from streamer.engine.alignment import (
+    AttentionProbe,
+    cross_queries,
+    default_heads,
+    frame_samples,
+    peak_frames,
+    token_spans,
+)
 from streamer.engine.beams import BeamSearch
 from streamer.engine.loader import LoadedModel, whisper_task
 from streamer.engine.tokens import TokenPieces
@@ -34,6 +42,15 @@ from streamer.types import FloatArray
 class EncodedWindow:
     hidden: torch.Tensor  # (1, T, D), already projected to the decoder's width
     mask: torch.Tensor | None  # (1, T) encoder frame mask for cross-attention
+
+
+@dataclass(slots=True)
+class Alignment:
+    """What one decode wants of the attention (see ``alignment.py``)."""
+
+    stop_frames: int = 0  # AlignAtt: stop at a token peaking in the last frames (0: never)
+    audio_frames: int = 0  # encoder frames covering the window's audio
+    keep_rows: bool = False  # keep every row (word timestamps), not only peaks
 
 
 # Whisper was trained on audio followed by padding: with a shortened input and
@@ -117,6 +134,65 @@ class Decoder:
             dtype=torch.long,
             device=loaded.device,
         )
+        queries = cross_queries(self.model, loaded.family)
+        heads = list(loaded.spec.alignment_heads) or default_heads(self.model, queries)
+        self.probe = AttentionProbe(queries, heads)
+        self.frame_samples = frame_samples(self.model, loaded.family, loaded.feature_extractor)
+
+    def alignment(self, req: DecodeRequest) -> Alignment | None:
+        """The attention a request needs read (None: none)."""
+        if not req.alignatt_frames and not req.words:
+            return None
+        frames = -(-len(req.audio) // self.frame_samples)
+        return Alignment(req.alignatt_frames, frames, req.words)
+
+    def attention(self, cache: Any, frame_mask: torch.Tensor | None) -> torch.Tensor:
+        """Alignment heads' attention (B, Q, n, T) of the pass just captured on ``cache``."""
+        layers = cache.cross_attention_cache.layers
+        return self.probe.weights(lambda i: layers[i].keys, frame_mask)
+
+    def result(
+        self,
+        req: DecodeRequest,
+        tokens: list[int],
+        looped: bool,
+        lang: str | None,
+        align: Alignment | None,
+        rows: torch.Tensor | None,
+    ) -> DecodeResult:
+        """The answer to ``req``; ``rows`` (forced + new [+ end], n, T) when aligned."""
+        pieces = self.pieces.pieces(list(req.forced), tokens)
+        extra: dict[str, Any] = {}
+        if align is not None and rows is not None:
+            forced = len(req.forced)
+            extra = {
+                "peaks": tuple(peak_frames(rows[forced : forced + len(tokens)])),
+                "frame_samples": self.frame_samples,
+                "audio_frames": align.audio_frames,
+            }
+            if align.keep_rows:
+                spans = token_spans(rows, align.audio_frames, forced + len(tokens))
+                extra["spans"] = tuple(spans)
+        return DecodeResult(
+            request_id=req.request_id,
+            tokens=tuple(tokens),
+            pieces=tuple(pieces),
+            looped=looped,
+            lang=lang,
+            **extra,
+        )
+
+    def forced_rows(self, enc: EncodedWindow, start: list[int], tokens: list[int]) -> torch.Tensor:
+        """Attention rows of ``tokens`` (and the position after them) in one forced pass.
+
+        For decodes that did not read the attention as they went (beam search).
+        """
+        ids = torch.tensor([start + tokens], dtype=torch.long, device=self.m.device)
+        cache = self.new_cache()
+        with self.probe.capture():
+            self.logits(ids, enc, cache)
+            rows = self.attention(cache, None if enc.mask is None else enc.mask.bool())
+        return rows[0, len(start) - 1 :]
 
     # --------------------------------------------------------------- encoder
     def _pads_exactly(self) -> bool:
@@ -319,15 +395,23 @@ class Decoder:
         prefix: list[int],
         max_new_tokens: int,
         cancelled: Callable[[], bool] = _never,
+        align: Alignment | None = None,
+        forced: int = 0,
+        rows: list[torch.Tensor] | None = None,
     ) -> tuple[list[int], bool]:
         """Greedy decode after ``prefix``; returns (new tokens without EOS, looped).
 
         ``cancelled`` is polled between tokens: a superseded request stops
-        within one decoder pass (``DecodeCancelled``).
+        within one decoder pass (``DecodeCancelled``). With ``align`` the
+        attention rows (n, T) of the last ``forced`` prefix tokens and of every
+        new token (and of the end of text) go to ``rows``, and AlignAtt may
+        stop the decode.
         """
         cache = self.new_cache()
         ids = torch.tensor([prefix], dtype=torch.long, device=self.m.device)
-        logits = self.logits(ids, enc, cache)
+        rows = [] if rows is None else rows
+        mask = None if align is None or enc.mask is None else enc.mask.bool()
+        logits = self._pass(ids, enc, cache, align, mask, rows, keep=forced + 1)
         out: list[int] = []
         for step in range(max_new_tokens):
             self.suppress(logits, first=step == 0)
@@ -337,14 +421,34 @@ class Decoder:
             out.append(tok)
             cut = find_loop(out) if self.loop_guard else None
             if cut is not None:
+                del rows[forced + cut :]
                 return out[:cut], True
-            if step + 1 == max_new_tokens:
+            if step + 1 == max_new_tokens or stops_early(align, rows):
                 break
             if cancelled():
                 raise DecodeCancelled
             ids = torch.tensor([[tok]], dtype=torch.long, device=self.m.device)
-            logits = self.logits(ids, enc, cache)
+            logits = self._pass(ids, enc, cache, align, mask, rows, keep=1)
         return out, False
+
+    def _pass(
+        self,
+        ids: torch.Tensor,
+        enc: EncodedWindow,
+        cache: Any,
+        align: Alignment | None,
+        mask: torch.Tensor | None,
+        rows: list[torch.Tensor],
+        keep: int,
+    ) -> torch.Tensor:
+        """``logits``, keeping the attention rows of the last ``keep`` positions when aligning."""
+        if align is None:
+            return self.logits(ids, enc, cache)
+        with self.probe.capture():
+            logits = self.logits(ids, enc, cache)
+            weights = self.attention(cache, mask)[0]  # (Q, n, T)
+        rows.extend(weights[-keep:].unbind(0))
+        return logits
 
     def beam(
         self,
@@ -395,6 +499,8 @@ class Decoder:
         """Encode the window, prefill the prefix, decode; ``DecodeCancelled`` if superseded."""
         if cancelled():
             raise DecodeCancelled
+        align = self.alignment(req)
+        rows: torch.Tensor | None = None
         with torch.inference_mode():
             enc = self.encode(req.audio)
             if cancelled():
@@ -402,13 +508,25 @@ class Decoder:
             lang = req.lang
             if self.m.whisper_prompt and lang is None and self.m.lang_to_id:
                 lang = self.detect_language(enc)
-            prefix = self.start_tokens(req.prompt, lang, req.task) + list(req.forced)
-            tokens, looped = self.beam(enc, prefix, req.max_new_tokens, self.num_beams, cancelled)
-        pieces = self.pieces.pieces(list(req.forced), tokens)
-        return DecodeResult(
-            request_id=req.request_id,
-            tokens=tuple(tokens),
-            pieces=tuple(pieces),
-            looped=looped,
-            lang=lang,
-        )
+            start = self.start_tokens(req.prompt, lang, req.task)
+            prefix = start + list(req.forced)
+            if self.num_beams > 1:
+                tokens, looped = self.beam(enc, prefix, req.max_new_tokens, self.num_beams,
+                                           cancelled)  # fmt: skip
+                if align is not None:
+                    rows = self.forced_rows(enc, start, list(req.forced) + tokens)
+            else:
+                kept: list[torch.Tensor] = []
+                tokens, looped = self.greedy(enc, prefix, req.max_new_tokens, cancelled, align,
+                                             len(req.forced), kept)  # fmt: skip
+                if align is not None:
+                    rows = torch.stack(kept)
+        return self.result(req, tokens, looped, lang, align, rows)
+
+
+def stops_early(align: Alignment | None, rows: list[torch.Tensor]) -> bool:
+    """AlignAtt: the newest token's attention peak lies in the last ``stop_frames`` frames."""
+    if align is None or not align.stop_frames or not rows:
+        return False
+    peak = int(rows[-1].mean(dim=0).argmax())
+    return peak >= align.audio_frames - align.stop_frames

@@ -45,7 +45,7 @@ _QUANTIZED_DTYPES = {"int8": torch.qint8}
 #: within a point) but is not enabled yet: tests of other modules assume that ``auto`` is
 #: float32 on a CPU (tests/engine/test_loader.py, test_whisper_sed.py); enabling it is
 #: ``frozenset({"amx_bf16"})`` once they pin float32.
-AUTO_BF16_CPU_FLAGS: frozenset[str] = frozenset()
+AUTO_BF16_CPU_FLAGS: frozenset[str] = frozenset({"amx_bf16"})
 #: CPU flags of int8 dot products (VNNI, AMX): int8 layers use 8-bit activations there.
 INT8_CPU_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
@@ -62,6 +62,7 @@ class ModelSpec:
     task: str = "auto"
     num_beams: int = 1
     cache_dir: str = ""
+    alignment_heads: tuple[tuple[int, int], ...] = ()  # (layer, head); () = the model's
 
 
 @dataclass(slots=True)
@@ -138,7 +139,7 @@ def resolve_precision(dtype: str, device: torch.device, flags: frozenset[str] | 
     """The precision a ``[model] dtype`` means here: float32, float16, bfloat16 or int8.
 
     ``auto``: on CUDA bfloat16 where supported, else float16; on a CPU bfloat16
-    where it has a flag of ``AUTO_BF16_CPU_FLAGS`` (none yet), else float32.
+    where it has a flag of ``AUTO_BF16_CPU_FLAGS`` (AMX), else float32.
     Measured on Whisper base with AMX (README, "Precision"): bfloat16 encodes
     2.4x faster than float32, transcribes 1.3x faster, WER within a point;
     int8 transcribes 1.5x faster, but its streaming WER on the English clips

@@ -44,7 +44,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderC
 
 from streamer.core.session import DecodeResult
 from streamer.engine.beams import BeamSearch
-from streamer.engine.decoding import Decoder, EncodedWindow, find_loop, project
+from streamer.engine.decoding import Decoder, EncodedWindow, find_loop, project, stops_early
 from streamer.engine.scheduler import Job
 from streamer.engine.static_decode import StaticDecoder, make_static
 from streamer.engine.whisper_sed import DECODER_MODEL_TYPE
@@ -208,8 +208,9 @@ class BatchRunner:
             job.lang = job.req.lang
             if self.m.whisper_prompt and job.lang is None and self.m.lang_to_id:
                 job.lang = self.d.detect_language(enc)
-            prefix = self.d.start_tokens(job.req.prompt, job.lang, job.req.task)
-            prefix += list(job.req.forced)
+            job.start = self.d.start_tokens(job.req.prompt, job.lang, job.req.task)
+            job.align = self.d.alignment(job.req)
+            prefix = job.start + list(job.req.forced)
             job.prefix_len = len(prefix)
             prefixes.append((job, enc, prefix))
         if self.position_aware:
@@ -242,9 +243,10 @@ class BatchRunner:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         enc, enc_mask = self._stack_encoder([e for _, e, _ in batch])
         cache = self._new_cache()
-        logits = self._forward(ids, mask, positions, enc, enc_mask, cache)
+        jobs = [job for job, _, _ in batch]
+        logits = self._forward_reading(jobs, ids, mask, positions, enc, enc_mask, cache)
         group = _Group(
-            jobs=[job for job, _, _ in batch],
+            jobs=jobs,
             cache=cache,
             mask=mask,
             positions=mask.sum(-1),
@@ -303,7 +305,8 @@ class BatchRunner:
         for group in list(self.groups):
             ones = torch.ones((len(group.jobs), 1), dtype=torch.long, device=self.m.device)
             mask = torch.cat([group.mask, ones], dim=1)
-            logits = self._forward(
+            logits = self._forward_reading(
+                group.jobs,
                 group.last[:, None],
                 mask,
                 group.positions[:, None],
@@ -316,7 +319,9 @@ class BatchRunner:
             done += self._advance(group, logits, first=False)
         self.groups = [g for g in self.groups if g.jobs]
         if self.static is not None and self.static.running:
-            jobs, logits = self.static.step()
+            jobs, logits, queries = self.static.step()
+            if any(job.align is not None for job in jobs):
+                self._read_static(jobs, queries)
             chosen, keep, finished = self._choose(jobs, logits, first=False)
             self.static.advance(chosen, keep)
             done += finished
@@ -372,6 +377,10 @@ class BatchRunner:
             if picked is None:
                 del self._searches[id(job)]
                 job.tokens, job.looped = search.best(self.d.loop_guard)
+                if job.align is not None:
+                    enc = EncodedWindow(group.enc[base : base + 1], group.enc_mask[base : base + 1])
+                    forced = list(job.req.forced)
+                    job.rows = list(self.d.forced_rows(enc, job.start, forced + job.tokens))
                 done.append((job, self.result(job)))
                 continue
             rows += [base + r for r in picked]
@@ -397,8 +406,9 @@ class BatchRunner:
                 cut = find_loop(job.tokens) if d.loop_guard else None
                 if cut is not None:
                     del job.tokens[cut:]
+                    del job.rows[len(job.req.forced) + cut :]
                     job.looped = finished = True
-                elif len(job.tokens) >= job.req.max_new_tokens:
+                elif len(job.tokens) >= job.req.max_new_tokens or stops_early(job.align, job.rows):
                     finished = True
             if finished:
                 done.append((job, self.result(job)))
@@ -407,16 +417,51 @@ class BatchRunner:
         return chosen, keep, done
 
     def result(self, job: Job) -> DecodeResult:
-        pieces = self.d.pieces.pieces(list(job.req.forced), job.tokens)
-        return DecodeResult(
-            request_id=job.req.request_id,
-            tokens=tuple(job.tokens),
-            pieces=tuple(pieces),
-            looped=job.looped,
-            lang=job.lang,
-        )
+        rows = torch.stack(job.rows) if job.align is not None and job.rows else None
+        return self.d.result(job.req, job.tokens, job.looped, job.lang, job.align, rows)
 
     # -- the decoder pass ----------------------------------------------------------------
+
+    def _read_static(self, jobs: list[Job], queries: dict[int, torch.Tensor]) -> None:
+        """Attention rows of a static step (its queries against the slots' cross keys)."""
+        static = self.static
+        assert static is not None
+        slots = [s for s, j in enumerate(static.slots) if j is not None]
+        idx = torch.tensor(slots, dtype=torch.long, device=self.m.device)
+        weights = self.d.probe.weights(
+            lambda layer: static.cross_keys(layer, idx), static.cmask.index_select(0, idx), queries
+        )  # (n, 1, h, T)
+        for row, (slot, job) in enumerate(zip(slots, jobs, strict=True)):
+            if job.align is not None:
+                job.rows.append(weights[row, 0, :, : static.frames[slot]])
+
+    def _forward_reading(
+        self,
+        jobs: list[Job],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        enc: torch.Tensor,
+        enc_mask: torch.Tensor,
+        cache: Any,
+    ) -> torch.Tensor:
+        """``_forward``, appending the attention rows of the rows that read it.
+
+        Greedy rows keep the rows of their forced tokens (prefill) and of each
+        token chosen from these logits; beam search reads its rows once, when
+        its best sequence is known (``Decoder.forced_rows``).
+        """
+        if self.beams > 1 or not any(job.align is not None for job in jobs):
+            return self._forward(ids, mask, positions, enc, enc_mask, cache)
+        with self.d.probe.capture():
+            logits = self._forward(ids, mask, positions, enc, enc_mask, cache)
+            weights = self.d.attention(cache, enc_mask)  # (B, Q, n, T)
+        for row, job in enumerate(jobs):
+            if job.align is not None:
+                keep = len(job.req.forced) + 1 if ids.shape[1] > 1 else 1
+                frames = int(enc_mask[row].sum())  # its own frames (groups pad to the longest)
+                job.rows.extend(weights[row, -keep:, :, :frames].unbind(0))
+        return logits
 
     def _forward(
         self,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from streamer.core.session import DecodeRequest
 
@@ -70,6 +71,9 @@ class Job:
     looped: bool = False
     cancelled: bool = False
     running: bool = False
+    align: Any = None  # decoding.Alignment when the attention is read
+    start: list[int] = field(default_factory=list)  # the family's start tokens
+    rows: list[Any] = field(default_factory=list)  # attention rows (n, T), see alignment.py
 
     @property
     def key(self) -> tuple[str, int]:

@@ -101,11 +101,15 @@ class _Arch:
     layers: int
     heads: int
     head_dim: int
+    probe_layers: tuple[int, ...] = ()  # layers whose cross-attention queries forward returns
 
     def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def layer(self, i: int, h: torch.Tensor, kv: _LayerKV) -> torch.Tensor:
+    def layer(
+        self, i: int, h: torch.Tensor, kv: _LayerKV, queries: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """One layer's pass; appends its cross-attention query projection to ``queries``."""
         raise NotImplementedError
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -122,15 +126,18 @@ class _Arch:
         sv: Sequence[torch.Tensor],
         ck: Sequence[torch.Tensor],  # per layer (S, H, T, Dh)
         cv: Sequence[torch.Tensor],
-    ) -> torch.Tensor:
-        """Logits (S, V) in float32; writes this token's K/V at ``col``."""
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Logits (S, V) in float32 and the cross-attention queries (S, 1, H*Dh) of
+        ``probe_layers`` (alignment heads, read by the runner); writes this token's
+        K/V at ``col``."""
         mask.index_fill_(1, col, True)
         smask = mask[:, None, None, :]
         xmask = cmask[:, None, None, :]
         h = self.embed(ids, pos)
+        queries: list[torch.Tensor] = []
         for i in range(self.layers):
-            h = self.layer(i, h, (sk[i], sv[i], ck[i], cv[i], smask, xmask, col))
-        return self.head(h)[:, -1, :].float()
+            h = self.layer(i, h, (sk[i], sv[i], ck[i], cv[i], smask, xmask, col), queries)
+        return self.head(h)[:, -1, :].float(), tuple(queries[i] for i in self.probe_layers)
 
 
 #: One layer's step state: (self K, self V, cross K, cross V, self mask, cross mask, col).
@@ -165,7 +172,9 @@ class _Whisper(_Arch):
     def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.dec.embed_tokens(ids) + self.dec.embed_positions.weight[pos]  # type: ignore[no-any-return]
 
-    def layer(self, i: int, h: torch.Tensor, kv: _LayerKV) -> torch.Tensor:
+    def layer(
+        self, i: int, h: torch.Tensor, kv: _LayerKV, queries: list[torch.Tensor]
+    ) -> torch.Tensor:
         layer = self.dec.layers[i]
         sa, ea, n = layer.self_attn, layer.encoder_attn, self.heads
         x = layer.self_attn_layer_norm(h)
@@ -173,7 +182,8 @@ class _Whisper(_Arch):
         a = _self_attend(kv, q, _heads(sa.k_proj(x), n), _heads(sa.v_proj(x), n), 1.0)
         h = h + sa.out_proj(a)
         x = layer.encoder_attn_layer_norm(h)
-        h = h + ea.out_proj(_cross_attend(kv, _heads(ea.q_proj(x) * ea.scaling, n), 1.0))
+        queries.append(ea.q_proj(x))
+        h = h + ea.out_proj(_cross_attend(kv, _heads(queries[-1] * ea.scaling, n), 1.0))
         x = layer.activation_fn(layer.fc1(layer.final_layer_norm(h)))
         return h + layer.fc2(x)  # type: ignore[no-any-return]
 
@@ -195,13 +205,16 @@ class _Bert(_Arch):
         x = emb.word_embeddings(ids) + emb.token_type_embeddings(torch.zeros_like(ids))
         return emb.LayerNorm(x + emb.position_embeddings(pos))  # type: ignore[no-any-return]
 
-    def layer(self, i: int, h: torch.Tensor, kv: _LayerKV) -> torch.Tensor:
+    def layer(
+        self, i: int, h: torch.Tensor, kv: _LayerKV, queries: list[torch.Tensor]
+    ) -> torch.Tensor:
         layer = self.lm.bert.encoder.layer[i]
         sa, ca, n = layer.attention.self, layer.crossattention.self, self.heads
         q = _heads(sa.query(h), n)
         a = _self_attend(kv, q, _heads(sa.key(h), n), _heads(sa.value(h), n), sa.scaling)
         h = layer.attention.output(a, h)
-        a = _cross_attend(kv, _heads(ca.query(h), n), ca.scaling)
+        queries.append(ca.query(h))
+        a = _cross_attend(kv, _heads(queries[-1], n), ca.scaling)
         h = layer.crossattention.output(a, h)
         return layer.output(layer.intermediate(h), h)  # type: ignore[no-any-return]
 
@@ -223,13 +236,16 @@ class _GPT2(_Arch):
     def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.tr.wte(ids) + self.tr.wpe(pos)  # type: ignore[no-any-return]
 
-    def layer(self, i: int, h: torch.Tensor, kv: _LayerKV) -> torch.Tensor:
+    def layer(
+        self, i: int, h: torch.Tensor, kv: _LayerKV, queries: list[torch.Tensor]
+    ) -> torch.Tensor:
         block = self.tr.h[i]
         sa, ca, n = block.attn, block.crossattention, self.heads
         q, k, v = sa.c_attn(block.ln_1(h)).split(self.width, dim=2)
         a = _self_attend(kv, _heads(q, n), _heads(k, n), _heads(v, n), sa.scaling)
         h = sa.c_proj(a) + h
-        a = _cross_attend(kv, _heads(ca.q_attn(block.ln_cross_attn(h)), n), ca.scaling)
+        queries.append(ca.q_attn(block.ln_cross_attn(h)))
+        a = _cross_attend(kv, _heads(queries[-1], n), ca.scaling)
         h = h + ca.c_proj(a)
         return h + block.mlp(block.ln_2(h))  # type: ignore[no-any-return]
 
@@ -270,6 +286,7 @@ def make_static(
     if arch is None:
         _log_once(why, "static decode path unavailable (%s): dynamic decoding", why)
         return None
+    arch.probe_layers = tuple(decoder.probe.layers)
     return StaticDecoder(
         arch,
         device=decoder.m.device,
@@ -318,7 +335,7 @@ class StaticDecoder:
         self.relayouts = 0
         self.shapes: set[_Key] = set()  # shape buckets stepped
         self.compile_seconds: dict[_Key, float] = {}  # per compiled shape bucket
-        self._compiled: Callable[..., torch.Tensor] | None = None
+        self._compiled: Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]] | None = None
         if compile:
             cfg = torch._dynamo.config
             cfg.recompile_limit = max(cfg.recompile_limit, 4 * max_shapes)
@@ -518,8 +535,9 @@ class StaticDecoder:
     # -- the step --------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self) -> tuple[list[Job], torch.Tensor]:
-        """One token for every live row: (their jobs, logits (n, V)), in slot order."""
+    def step(self) -> tuple[list[Job], torch.Tensor, dict[int, torch.Tensor]]:
+        """One token for every live row, in slot order: (their jobs, logits (n, V),
+        per probed layer the cross-attention queries (n, 1, H*Dh))."""
         live = self._live()
         if self.col >= self.length:
             self._relayout(len(live), self._need(live), max(self.frames[s] for s in live))
@@ -535,13 +553,21 @@ class StaticDecoder:
             self.ck,
             self.cv,
         )
-        logits = self._run(args)
+        logits, queries = self._run(args)
         self.shapes.add(self.key)
         self.col += 1
         self.pos += self.live
         self.steps += 1
         idx = torch.tensor(live, dtype=torch.long, device=self.device)
-        return [j for j in self.slots if j is not None], logits.index_select(0, idx)
+        probed = {
+            layer: q.index_select(0, idx)
+            for layer, q in zip(self.arch.probe_layers, queries, strict=True)
+        }
+        return [j for j in self.slots if j is not None], logits.index_select(0, idx), probed
+
+    def cross_keys(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """Cross-attention keys (n, H, T, Dh) of a layer's ``slots``."""
+        return self.ck[layer].index_select(0, slots)
 
     @torch.inference_mode()
     def advance(self, chosen: torch.Tensor, keep: list[int]) -> None:
@@ -552,7 +578,7 @@ class StaticDecoder:
         kept = set(keep)
         self._free([s for i, s in enumerate(live) if i not in kept])
 
-    def _run(self, args: tuple[Any, ...]) -> torch.Tensor:
+    def _run(self, args: tuple[Any, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """The step, compiled for at most ``max_shapes`` buckets (each compile logged)."""
         key, fn = self.key, self._compiled
         known = key in self.compile_seconds

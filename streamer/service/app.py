@@ -104,6 +104,10 @@ def session_settings(cfg: Config, sample_rate: int, frame_samples: int) -> Sessi
         agreement_n=st.agreement_n,
         max_tokens_per_second=st.max_tokens_per_second,
         min_tokens=st.min_tokens,
+        policy="alignatt" if st.policy == "alignatt" else "local_agreement",
+        alignatt_frames=st.alignatt_frames,
+        partial_holdback_words=st.partial_holdback_words,
+        word_timestamps=st.word_timestamps,
         prompt_max_tokens=st.prompt_max_tokens,
         vad=vad.enabled,
         segmenter=SegmenterSettings(
@@ -132,6 +136,10 @@ def model_spec(cfg: Config) -> Any:
         cache_dir=m.cache_dir,
     )
 
+        alignment_heads=tuple(
+            (int(layer), int(head))
+            for layer, head in (item.split(":") for item in split_items(m.alignment_heads))
+        ),
 
 def make_decoder(cfg: Config) -> Decoder:
     """Load the configured model into the daemon's decoder (blocking)."""

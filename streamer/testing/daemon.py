@@ -69,6 +69,7 @@ sources = []
 [model]
 id = "{model}"
 device = "cpu"
+dtype = "float32"
 source_language = "en"
 target_language = "en"
 

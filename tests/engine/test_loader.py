@@ -11,6 +11,7 @@ import torch
 
 from streamer.engine.loader import (
     ModelSpec,
+    cpu_flags,
     load_model,
     resolve_checkpoint,
     resolve_device,
@@ -134,7 +135,10 @@ def test_a_manifest_in_a_user_folder_is_checked(checkpoints, tmp_path):
 def test_devices_and_dtypes():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type in {"cpu", "cuda"}
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    on_amx = "amx_bf16" in cpu_flags()
+    assert resolve_dtype("auto", torch.device("cpu")) == (
+        torch.bfloat16 if on_amx else torch.float32
+    )
     assert resolve_dtype("fp16", torch.device("cpu")) == torch.float16
     with pytest.raises(ConfigError):
         resolve_dtype("int3", torch.device("cpu"))

@@ -188,3 +188,67 @@ def test_beam_search_batched_equals_beam_search_alone(decoder: Decoder, clip: np
         expected = solo[rid]
         assert got.tokens == expected.tokens, rid
         assert got.pieces == expected.pieces and got.lang == expected.lang
+
+
+def run_batched(decoder: Decoder, reqs: list[DecodeRequest], **runner_kw: object) -> dict:
+    """Each request's result from the batch runner, joining in waves of 3."""
+    import torch
+
+    runner = BatchRunner(decoder, **runner_kw)  # type: ignore[arg-type]
+    results = {}
+    pending = list(reqs)
+    with torch.inference_mode():
+        while pending or runner.running:
+            wave, pending = pending[:3], pending[3:]
+            for job, result in runner.admit([Job(r, 0.0) for r in wave]):
+                results[job.req.request_id] = result
+            for job, result in runner.step():
+                results[job.req.request_id] = result
+    return results
+
+
+def test_batched_alignment_equals_solo(
+    decoder: Decoder, clip: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attention rows, peaks and AlignAtt stops come out of the batch as they do alone.
+
+    Word spans warp over the rows; random weights attend almost uniformly, so
+    last-bit differences can move a warping path: the rows are compared (to
+    float rounding), the spans for shape.
+    """
+    import torch
+
+    reqs = [
+        dataclasses.replace(r, words=True, alignatt_frames=(0, 3, 40)[r.request_id % 3])
+        for r in requests(decoder, clip)
+    ]
+    rows: dict[str, dict[int, torch.Tensor]] = {"solo": {}, "batched": {}}
+    path = "solo"
+    result = Decoder.result
+
+    def keep_rows(self: Decoder, req: DecodeRequest, *args: object) -> object:
+        rows[path][req.request_id] = args[-1]  # type: ignore[assignment]
+        return result(self, req, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Decoder, "result", keep_rows)
+    solo = {r.request_id: decoder.run(r) for r in reqs}
+    path = "batched"
+    results = run_batched(decoder, reqs)
+    for rid, expected in solo.items():
+        got = results[rid]
+        req = reqs[rid]
+        assert got.tokens == expected.tokens, rid
+        torch.testing.assert_close(rows["batched"][rid], rows["solo"][rid], atol=1e-5, rtol=1e-4)
+        assert got.peaks == expected.peaks and len(got.peaks) == len(got.tokens), rid
+        assert len(got.spans) == len(req.forced) + len(got.tokens)
+        assert got.frame_samples == decoder.frame_samples > 0
+        frames = got.audio_frames
+        assert frames == -(-len(req.audio) // decoder.frame_samples)
+        assert all(0 <= a <= b <= frames for a, b in got.spans)
+        assert [a for a, _ in got.spans] == sorted(a for a, _ in got.spans)
+        if req.alignatt_frames and len(got.tokens) < req.max_new_tokens and not got.looped:
+            # stopped early at a late-attending token, or ran to the end of text
+            late = [p >= frames - req.alignatt_frames for p in got.peaks]
+            assert not any(late[:-1]), rid
+        plain = decoder.run(dataclasses.replace(req, words=False, alignatt_frames=0))
+        assert plain.tokens[: len(got.tokens)] == got.tokens  # reading attention changes nothing

@@ -90,8 +90,11 @@ def run(
     wave: int,
     drop: tuple[int, int] | None = None,
     every: int = 1,
+    full: dict[int, DecodeResult] | None = None,
 ) -> dict[int, tuple[int, ...]]:
-    """Admit ``wave`` requests every ``every`` steps while others decode; drop (step, id)."""
+    """Admit ``wave`` requests every ``every`` steps while others decode; drop (step, id).
+
+    Returns each request's tokens; ``full`` receives the whole results."""
     results: dict[int, tuple[int, ...]] = {}
     pending = [Job(r, 0.0) for r in reqs]
     running: list[Job] = []
@@ -108,6 +111,8 @@ def run(
             finished += runner.step()
         for job, result in finished:
             results[job.req.request_id] = result.tokens
+            if full is not None:
+                full[job.req.request_id] = result
         step += 1
     return results
 
@@ -154,6 +159,27 @@ def test_static_step_equals_dynamic(
     assert len({n for _, n, _ in static.shapes}) > 1  # length grew past a bucket
     if not (decoder.m.family == "sed" and decoder.m.whisper_prompt):  # not all 30 s windows
         assert len({f for _, _, f in static.shapes}) > 1  # frames grew
+
+
+def test_static_step_reads_the_alignment_of_the_dynamic_path(
+    decoder: Decoder, clip: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Peaks, AlignAtt stops and spans from static steps equal the dynamic path's."""
+    runner, _ = static_runner(decoder, monkeypatch)
+    reqs = requests(decoder, clip, [0.7, 2.3, 1.0, 3.9, 1.6, 2.9], [30, 9, 40, 25, 60, 6])
+    reqs = [
+        dataclasses.replace(r, words=True, alignatt_frames=(0, 4)[r.request_id % 2]) for r in reqs
+    ]
+    dynamic: dict[int, DecodeResult] = {}
+    static: dict[int, DecodeResult] = {}
+    assert run(runner, reqs, wave=2, full=static) == run(
+        BatchRunner(decoder), reqs, wave=2, full=dynamic
+    )
+    assert runner.static is not None and runner.static.steps > 0
+    for rid, want in dynamic.items():
+        got = static[rid]
+        assert got.peaks == want.peaks and len(got.peaks) == len(got.tokens), rid
+        assert len(got.spans) == len(want.spans) == len(reqs[rid].forced) + len(got.tokens)
 
 
 def test_write_column_wraps_by_compaction(
@@ -265,10 +291,13 @@ def test_compile_failure_and_bucket_cap_fall_back_to_eager(
 def compiled_equals_dynamic(dec: Decoder, clip: np.ndarray) -> None:
     """The compiled step's tokens equal the dynamic path's, in one shape bucket."""
     reqs = requests(dec, clip, [1.0, 1.8, 0.6, 1.3, 2.0, 0.9], [30, 12, 44, 8, 40, 26])
-    reqs = [dataclasses.replace(r, prompt=r.prompt[:3]) for r in reqs]
-    dynamic = run(BatchRunner(dec), reqs, wave=4, drop=(3, 1), every=14)
+    reqs = [dataclasses.replace(r, prompt=r.prompt[:3], words=r.request_id % 2 == 0) for r in reqs]
+    want: dict[int, DecodeResult] = {}
+    got: dict[int, DecodeResult] = {}
+    dynamic = run(BatchRunner(dec), reqs, wave=4, drop=(3, 1), every=14, full=want)
     runner = BatchRunner(dec, compile=True, max_rows=4)
-    compiled = run(runner, reqs, wave=4, drop=(3, 1), every=14)
+    compiled = run(runner, reqs, wave=4, drop=(3, 1), every=14, full=got)
+    assert {rid: r.peaks for rid, r in got.items()} == {rid: r.peaks for rid, r in want.items()}
     static = runner.static
     assert static is not None and static._compiled is not None
     assert compiled == dynamic and 1 not in compiled

@@ -47,7 +47,9 @@ TIMEOUT = 30.0
 
 def make_config(model: Path, vad: bool = True, **ws: Any) -> Config:
     return Config(
-        model=ModelConfig(id=str(model), device="cpu", source_language="en", target_language="en"),
+        model=ModelConfig(
+            id=str(model), device="cpu", dtype="float32", source_language="en", target_language="en"
+        ),
         streaming=dataclasses.replace(
             StreamingConfig(), chunk_ms=500, max_tokens_per_second=3.0, min_tokens=2
         ),
