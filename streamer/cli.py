@@ -58,12 +58,14 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     from streamer.service.transcribe import transcribe_files
 
     files = [Path(f) for f in args.files]
-    if args.format == "srt" and len(files) > 1:
+    if args.format in ("srt", "vtt") and len(files) > 1:
         if not args.output or not Path(args.output).is_dir():
             raise ConfigError(
-                "an SRT file holds one recording: with several files, -o must name a folder"
+                f"a {args.format.upper()} file holds one recording: with several files, "
+                "-o must name a folder"
             )
-        return asyncio.run(transcribe_files(cfg, files, "srt", sys.stdout, Path(args.output)))
+        folder = Path(args.output)
+        return asyncio.run(transcribe_files(cfg, files, args.format, sys.stdout, folder))
     with output_file(args.output or "-") as out:
         return asyncio.run(transcribe_files(cfg, files, args.format, out))
 
@@ -128,13 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("transcribe", help="translate/transcribe audio files as fast as possible")
     common(tr)
     tr.add_argument("files", nargs="+", metavar="FILE")
-    tr.add_argument("--format", choices=["jsonl", "srt", "text"], default="jsonl")
+    tr.add_argument(
+        "--format",
+        choices=["jsonl", "srt", "vtt", "text"],
+        default="jsonl",
+        help="jsonl: one final per line (with word timestamps); srt/vtt: subtitles timed "
+        "by the words; text: plain lines",
+    )
     tr.add_argument("--output", "-o", metavar="PATH", help="write here instead of stdout")
     tr.add_argument("--model", help="model id or checkpoint folder (overrides model.id)")
     tr.add_argument("--source-language", help="source language code, or auto")
     tr.add_argument("--target-language", help="target language code")
     tr.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    tr.add_argument("--dtype", help="auto, float32, float16, bfloat16")
+    tr.add_argument("--dtype", help="auto, float32, float16, bfloat16, int8 (CPU)")
     tr.set_defaults(func=cmd_transcribe)
 
     dev = sub.add_parser("devices", help="list audio capture devices")

@@ -22,8 +22,8 @@ FINAL_KEYS = frozenset(
     {"v", "type", "stream", "segment", "seq", "text", "start", "end", "lang", "latency_ms"}
 )
 PARTIAL_KEYS = FINAL_KEYS | {"committed", "tentative"}
-#: Optional keys: the daemon's run id (``streamer transcribe`` has none).
-OPTIONAL_KEYS = frozenset({"run"})
+#: Optional keys: the daemon's run id (``streamer transcribe`` has none), word timestamps.
+OPTIONAL_KEYS = frozenset({"run", "words"})
 
 
 def _cache_dir() -> Path:
@@ -109,6 +109,15 @@ def check_wire_event(event: Any, extra_keys: frozenset[str] = frozenset()) -> di
     if kind == "partial":
         assert isinstance(event["committed"], str) and isinstance(event["tentative"], str)
         assert event["text"] == event["committed"] + event["tentative"], event
+    if "words" in event:
+        words = event["words"]
+        assert isinstance(words, list) and words, event
+        for w in words:
+            assert set(w) == {"word", "start", "end"} and isinstance(w["word"], str), event
+            assert 0 <= w["start"] <= w["end"], event
+        assert [w["start"] for w in words] == sorted(w["start"] for w in words), event
+        spelled = "".join(w["word"] for w in words).split()
+        assert spelled == event["committed" if kind == "partial" else "text"].split(), event
     return event
 
 

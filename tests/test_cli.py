@@ -36,6 +36,10 @@ SRT_CUE = re.compile(
     r"(?P<n>\d+)\n(?P<start>\d{2}:\d{2}:\d{2},\d{3}) --> (?P<end>\d{2}:\d{2}:\d{2},\d{3})\n"
     r"(?P<text>(?:[^\n]+\n)+)\n"
 )
+VTT_CUE = re.compile(
+    r"(?P<start>\d{2}:\d{2}:\d{2}\.\d{3}) --> (?P<end>\d{2}:\d{2}:\d{2}\.\d{3})\n"
+    r"(?P<text>[^\n]+)\n\n"
+)
 
 WireCheck = Callable[..., dict[str, Any]]
 
@@ -290,6 +294,40 @@ def test_transcribe_srt_to_file(audio_dir: Path, tmp_path: Path, cli_env: dict[s
         assert previous_end <= start <= end <= 5.0, cue.group(0)
         previous_end = end
     assert "national assembly" in srt.lower(), srt
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("whisper_base_dir")
+def test_transcribe_vtt_cues_follow_the_words(
+    audio_dir: Path, tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """WebVTT, timed by word timestamps: JFK's pause before "ask not" splits no cue
+    early, and every cue starts with its first word, not with the segment's pre-roll."""
+    jsonl = run_cli("transcribe", audio_dir / JFK, env=cli_env)
+    assert jsonl.returncode == 0, jsonl.stderr
+    finals = [json.loads(line) for line in jsonl.stdout.splitlines()]
+    words = [w for f in finals for w in f["words"]]
+    assert "".join(w["word"] for w in words).split() == " ".join(f["text"] for f in finals).split()
+    fellow = next(w for w in words if "fellow" in w["word"])
+    ask = next(w for w in words if w["word"].strip(" .").lower() == "ask")
+    assert 0.3 < fellow["start"] < 2.0 and fellow["end"] <= ask["start"]
+    assert 2.0 < ask["start"] < 4.5, words  # "ask not" is said at 3.2-3.6 s
+    assert words[-1]["end"] <= 11.1
+    out = tmp_path / "jfk.vtt"
+    proc = run_cli("transcribe", audio_dir / JFK, "--format", "vtt", "-o", out, env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    vtt = out.read_text(encoding="utf-8")
+    assert vtt.startswith("WEBVTT\n\n"), vtt
+    cues = list(VTT_CUE.finditer(vtt))
+    assert "WEBVTT\n\n" + "".join(c.group(0) for c in cues) == vtt  # only well-formed cues
+    assert " ".join(c["text"] for c in cues).split() == " ".join(f["text"] for f in finals).split()
+    starts = {round(w["start"], 3) for w in words}
+    for cue in cues:
+        start, end = (
+            srt_seconds(cue["start"].replace(".", ",")),
+            srt_seconds(cue["end"].replace(".", ",")),
+        )
+        assert start in starts and start <= end and len(cue["text"]) <= 84, cue.group(0)
 
 
 @pytest.mark.slow

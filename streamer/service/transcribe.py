@@ -19,7 +19,7 @@ from streamer.audio.sources import FileSource
 from streamer.config import Config
 from streamer.service.app import StreamFactory, start_engine
 from streamer.service.output_file import output_file
-from streamer.sinks.jsonl import write_srt
+from streamer.sinks.subtitles import write_srt, write_vtt
 from streamer.types import Hypothesis
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 async def transcribe_files(
     cfg: Config, files: list[Path], fmt: str, out: TextIO, srt_dir: Path | None = None
 ) -> int:
-    """Decode ``files`` in order; with ``srt_dir``, one ``<stem>.srt`` per file there."""
+    """Decode ``files`` in order; ``fmt`` jsonl, text, srt or vtt. With ``srt_dir``
+    (subtitle formats), one ``<stem>.srt``/``.vtt`` per file there."""
+    subtitles = {"srt": write_srt, "vtt": write_vtt}
     from streamer.engine.client import EngineClient
 
     for f in files:
@@ -56,11 +58,11 @@ async def transcribe_files(
             source = FileSource(path, stream, client.sample_rate, realtime=False)
             await runner.run(source.blocks())
             await runner.wait_done()
-            if fmt == "srt" and srt_dir is not None:
-                with output_file(srt_dir / f"{path.stem}.srt") as srt:
-                    write_srt(finals, srt)
-            elif fmt == "srt":
-                write_srt(finals, out)
+            if fmt in subtitles and srt_dir is not None:
+                with output_file(srt_dir / f"{path.stem}.{fmt}") as sub:
+                    subtitles[fmt](finals, sub)
+            elif fmt in subtitles:
+                subtitles[fmt](finals, out)
             elif fmt == "text":
                 for ev in finals:
                     out.write(ev.text + "\n")

@@ -1,4 +1,4 @@
-"""JSON Lines and SRT output: captions for programs and subtitle files.
+"""JSON Lines output: captions for programs.
 
 JSONL: one event per line, the wire object of DESIGN.md section 4
 (``Hypothesis.to_wire()``), UTF-8 kept as is (``ensure_ascii=False``) so a
@@ -10,8 +10,7 @@ full pipe delays the sink, never the event loop. Events that arrive while a
 write is in flight are written together in the next batch, so the thread hop
 is paid per batch, not per line. Each batch is flushed before the next read.
 
-SRT: :func:`write_srt` numbers finals from 1 with ``HH:MM:SS,mmm`` times, as
-``streamer transcribe --format srt`` prints them.
+Subtitle files (SRT, WebVTT) are ``subtitles.py``.
 """
 
 from __future__ import annotations
@@ -19,13 +18,12 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Iterable
 from typing import TextIO
 
 from streamer.sinks.fanout import STATUS_KINDS, Subscription, SubscriptionClosed
 from streamer.types import Hypothesis
 
-__all__ = ["JsonlSink", "format_event", "format_srt_time", "write_srt"]
+__all__ = ["JsonlSink", "format_event"]
 
 # Upper bound on lines per worker-thread write, so one huge backlog does not
 # turn into one huge string.
@@ -109,36 +107,3 @@ def _open_append(path: str) -> TextIO:
 def _write_flush(out: TextIO, text: str) -> None:
     out.write(text)
     out.flush()
-
-
-# -- SRT -----------------------------------------------------------------------
-
-
-def format_srt_time(seconds: float) -> str:
-    """``HH:MM:SS,mmm`` (SubRip), rounded to the millisecond; negatives clamp to 0."""
-    total_ms = max(0, round(seconds * 1000))
-    hours, rest = divmod(total_ms, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    secs, ms = divmod(rest, 1000)
-    return f"{hours:02d}:{minutes:02d}:{secs:02d},{ms:03d}"
-
-
-def write_srt(finals: Iterable[Hypothesis], out: TextIO) -> int:
-    """Write finals as SubRip cues numbered from 1; returns the number of cues.
-
-    Partials and finals with blank text are skipped (SRT has no empty cues).
-    Blank lines inside a text would end a cue early, so they are collapsed.
-    """
-    n = 0
-    for event in finals:
-        if event.kind != "final":
-            continue
-        lines = [line.strip() for line in event.text.strip().splitlines()]
-        text = "\n".join(line for line in lines if line)
-        if not text:
-            continue
-        n += 1
-        start = format_srt_time(event.start)
-        end = format_srt_time(max(event.end, event.start))
-        out.write(f"{n}\n{start} --> {end}\n{text}\n\n")
-    return n

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from streamer.sinks.fanout import Fanout
-from streamer.sinks.jsonl import JsonlSink, format_event, format_srt_time, write_srt
+from streamer.sinks.jsonl import JsonlSink, format_event
 from streamer.types import Hypothesis
 
 FINAL_KEYS = {"v", "type", "stream", "segment", "seq", "text", "start", "end", "lang", "latency_ms"}
@@ -136,33 +136,3 @@ async def test_unwritable_path_raises(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         await sink.run(sub)
     assert sub.closed and fan.subscribers == 0  # no queue left behind for a dead sink
-
-
-@pytest.mark.parametrize(
-    ("seconds", "text"),
-    [
-        (0.0, "00:00:00,000"),
-        (4.2, "00:00:04,200"),
-        (59.9996, "00:01:00,000"),
-        (3725.0404, "01:02:05,040"),
-        (-0.3, "00:00:00,000"),
-        (36000.5, "10:00:00,500"),
-    ],
-)
-def test_srt_time(seconds: float, text: str) -> None:
-    assert format_srt_time(seconds) == text
-
-
-def test_write_srt_numbers_finals_from_one() -> None:
-    out = io.StringIO()
-    events = [
-        final(0, "Hello there.", start=0.0, end=4.2),
-        partial(1),  # ignored
-        final(2, "   ", start=4.2, end=5.0),  # blank: no cue
-        final(3, "Two\n\nlines", start=61.25, end=63.5),
-    ]
-    assert write_srt(events, out) == 2
-    assert out.getvalue() == (
-        "1\n00:00:00,000 --> 00:00:04,200\nHello there.\n\n"
-        "2\n00:01:01,250 --> 00:01:03,500\nTwo\nlines\n\n"
-    )
