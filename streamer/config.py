@@ -76,6 +76,7 @@ class StreamingConfig:
     """Sliding window, endpointing and stabiliser settings of every stream."""
 
     chunk_ms: int = _f(1000, min=100)
+    first_chunk_ms: int = _f(0, min=0)
     left_context_s: float = _f(0.0, min=0.0)
     max_segment_s: float = _f(15.0, gt=0.0)
     max_window_s: float = _f(30.0, gt=0.0)
@@ -87,6 +88,7 @@ class StreamingConfig:
         aliases={"la": "local_agreement", "localagreement": "local_agreement"},
     )
     alignatt_frames: int = _f(25, min=1)
+    alignatt_agreement: int = _f(1, min=1)
     partial_holdback_words: int = _f(0, min=0)
     word_timestamps: bool = _f(True)
     max_tokens_per_second: float = _f(8.0, gt=0.0)

@@ -56,6 +56,7 @@ class SessionSettings:
 
     sample_rate: int = 16000
     chunk: int = 16000  # new audio between partial decodes
+    first_chunk: int = 0  # speech before a segment's first partial decode (0: ``chunk``)
     left_context: int = 0
     max_segment: int = 15 * 16000
     max_window: int = 30 * 16000
@@ -78,6 +79,7 @@ class SessionSettings:
     skip_silent_partials: bool = True
     policy: Literal["local_agreement", "alignatt"] = "local_agreement"
     alignatt_frames: int = 25  # AlignAtt: the newest encoder frames a committed token avoids
+    alignatt_agreement: int = 1  # AlignAtt: hypotheses that must agree before a commit
     partial_holdback_words: int = 0  # tentative words left out of partials (from the end)
     word_timestamps: bool = True  # finals and committed partial text carry ``words``
 
@@ -316,7 +318,7 @@ class StreamSession:
             index=self._next_segment,
             start=start,
             agreement=(
-                AlignAtt(self.s.alignatt_frames)
+                AlignAtt(self.s.alignatt_frames, self.s.alignatt_agreement)
                 if self.s.policy == "alignatt"
                 else LocalAgreement(self.s.agreement_n)
             ),
@@ -399,13 +401,19 @@ class StreamSession:
             elif (
                 self._open is not None
                 and self.s.partials
-                and self.frontier - self._open.last_decode_end >= self.s.chunk
+                and self.frontier - self._open.last_decode_end >= self._hop(self._open)
                 and self._speech_since_partial(self._open)
             ):
                 self._open.last_decode_end = self.frontier
                 self._open.heard = self.segmenter.last_speech_end
                 self._make_request(self._open, "partial", self.frontier)
         self._trim()
+
+    def _hop(self, seg: _Segment) -> int:
+        """Audio before the next partial: ``first_chunk`` for a segment's first one."""
+        if seg.last_decode_end == seg.start and self.s.first_chunk > 0:
+            return self.s.first_chunk
+        return self.s.chunk
 
     def _speech_since_partial(self, seg: _Segment) -> bool:
         """Speech arrived since ``seg``'s last partial (see ``skip_silent_partials``)."""

@@ -95,14 +95,24 @@ class LocalAgreement:
 
 
 class AlignAtt:
-    """Commits what the decoder wrote before its attention reached the newest audio."""
+    """Commits what the decoder wrote before its attention reached the newest audio.
 
-    def __init__(self, frames: int) -> None:
+    ``n`` > 1 also asks the last ``n`` hypotheses to agree on it (their tokens
+    before their stops): a short first window can make Whisper transcribe
+    where it was asked to translate, and one such hypothesis would commit the
+    wrong language at once (measured: README, "Streaming policies").
+    """
+
+    def __init__(self, frames: int, n: int = 1) -> None:
         if frames < 1:
             raise ValueError("alignatt frames must be >= 1")
+        if n < 1:
+            raise ValueError("alignatt agreement n must be >= 1")
         self.frames = frames
+        self.n = n
         self._committed: list[int] = []
         self._tentative: tuple[int, ...] = ()
+        self._candidates: deque[tuple[int, ...]] = deque(maxlen=n)
 
     @property
     def committed(self) -> tuple[int, ...]:
@@ -136,18 +146,26 @@ class AlignAtt:
             self._tentative = tail
             return ()
         stop = self.stop_index(peaks, audio_frames)
-        k = stop
-        while k > 0 and not boundaries[k]:
-            k -= 1
-        newly = tail[:k]
-        self._committed.extend(newly)
-        self._tentative = tail[k:stop]
+        self._candidates.append(tail[:stop])
+        newly: tuple[int, ...] = ()
+        if len(self._candidates) >= self.n:
+            k = common_prefix_length(list(self._candidates))
+            while k > 0 and not boundaries[k]:
+                k -= 1
+            newly = tail[:k]
+            self._committed.extend(newly)
+            kept = [c[k:] for c in self._candidates]
+            self._candidates.clear()
+            self._candidates.extend(kept)
+        self._tentative = tail[len(newly) : stop]
         return newly
 
     def forget_tails(self, tentative: Sequence[int]) -> None:
-        """A looping decode commits nothing; show what came before the loop."""
+        """A looping decode commits nothing, nor votes; show what came before the loop."""
+        self._candidates.clear()
         self._tentative = tuple(tentative)
 
     def reset(self) -> None:
         self._committed.clear()
+        self._candidates.clear()
         self._tentative = ()

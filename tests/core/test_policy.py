@@ -157,3 +157,41 @@ def test_words_group_pieces_and_skip_broken_characters() -> None:
     assert words == (
         Word(" Stra\u00dfe,", 0.1, 0.1 + 5 * 0.02),
     )  # the broken last word is left out
+
+
+def test_first_partial_comes_after_first_chunk_then_every_chunk() -> None:
+    audio = np.concatenate([silence(0.5), speech(3), silence(1)])
+    s = StreamSession("a", settings_(first_chunk=SR // 5))
+    _, requests = drive(s, audio, block=80)
+    partials = [r for r in requests if r.kind == "partial"]
+    seg_start = partials[0].start  # no left context: the window starts at the segment
+    hops = [partials[0].end - seg_start] + [b.end - a.end for a, b in itertools.pairwise(partials)]
+    assert SR // 5 <= hops[0] < SR // 2  # the first one early
+    assert all(h >= SR // 2 for h in hops[1:])  # then every chunk
+    _, requests = drive(StreamSession("a", settings_()), audio, block=80)
+    plain = next(r for r in requests if r.kind == "partial")
+    assert plain.end - plain.start >= SR // 2  # first_chunk 0: the first hop is a chunk
+
+
+def test_alignatt_agreement_waits_for_a_second_hypothesis() -> None:
+    policy = AlignAtt(frames=2, n=2)
+    bounds = word_boundaries([b" a", b" b", b" c"])
+    assert policy.update([1, 2, 3], bounds, [1, 3, 9], 10) == ()  # one vote: nothing yet
+    assert policy.tentative == (1, 2)
+    # the next hypothesis agrees on " a" only, before its own stop
+    assert policy.update([1, 5, 3], bounds, [1, 4, 9], 10) == (1,)
+    assert policy.committed == (1,)
+    audio = np.concatenate([silence(0.5), speech(3), silence(1)])
+    one, _ = drive(
+        StreamSession("a", settings_(policy="alignatt", alignatt_frames=2)),
+        audio,
+        engine=aligned_model,
+    )
+    two, _ = drive(
+        StreamSession("a", settings_(policy="alignatt", alignatt_frames=2, alignatt_agreement=2)),
+        audio,
+        engine=aligned_model,
+    )
+    first = lambda events: next(e.seq for e in events if e.committed)  # noqa: E731
+    assert first(one) < first(two)
+    assert one[-1].text == two[-1].text
