@@ -136,12 +136,12 @@ def model_spec(cfg: Config) -> Any:
         task=m.task,
         num_beams=m.num_beams,
         cache_dir=m.cache_dir,
-    )
-
         alignment_heads=tuple(
             (int(layer), int(head))
             for layer, head in (item.split(":") for item in split_items(m.alignment_heads))
         ),
+    )
+
 
 def make_decoder(cfg: Config) -> Decoder:
     """Load the configured model into the daemon's decoder (blocking)."""
