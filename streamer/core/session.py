@@ -82,6 +82,9 @@ class SessionSettings:
     alignatt_agreement: int = 1  # AlignAtt: hypotheses that must agree before a commit
     partial_holdback_words: int = 0  # tentative words left out of partials (from the end)
     word_timestamps: bool = True  # finals and committed partial text carry ``words``
+    # A prompted final with some, but fewer tokens than this per second of segment
+    # audio is decoded once more without the prompt (0: never).
+    short_final_rate: float = 0.5
 
     def max_new_tokens(self, window_samples: int, forced: int) -> int:
         seconds = window_samples / self.sample_rate
@@ -147,6 +150,7 @@ class _Segment:
     shown: bool = False  # a partial of it was emitted
     heard: int = -1  # the segmenter's last speech end when its last partial was requested
     words: tuple[Word, ...] = ()  # timed words of the committed text (latest partial)
+    retried: bool = False  # its final was decoded again without the prompt
 
 
 class StreamSession:
@@ -249,9 +253,30 @@ class StreamSession:
         if req.kind == "partial":
             if result.error is None:
                 self._apply_partial(seg, req, result)
+        elif self._cut_short(seg, req, result):
+            # Whisper conditioned on the previous text sometimes ends a long
+            # segment after a word or two (measured on the joined FLEURS
+            # streams: 7.4 s of speech gave " The"); without the prompt it
+            # decodes the segment. One retry, same window and forced tokens.
+            seg.retried = True
+            self._make_request(seg, "final", req.end, prompt=())
         else:
             self._emit_final(seg, result, req)
         self._schedule()
+
+    def _cut_short(self, seg: _Segment, req: DecodeRequest, result: DecodeResult) -> bool:
+        """A prompted final that stopped far too early for its speech (``short_final_rate``)."""
+        if seg.retried or not req.prompt or result.error or result.looped:
+            return False
+        if len(self._closing) > 1:
+            return False  # behind: other finals wait, no time for a second pass
+        if len(result.tokens) >= req.max_new_tokens or seg.end is None:
+            return False
+        seconds = (seg.end - seg.start) / self.s.sample_rate
+        tokens = len(req.forced) + len(result.tokens)
+        # Nothing at all is the model hearing no speech: a retry would invite a
+        # hallucination. A word or two for many seconds of speech is the failure.
+        return 0 < tokens < self.s.short_final_rate * seconds
 
     # ----------------------------------------------------------------- output
     def requests_to_send(self) -> list[DecodeRequest]:
@@ -357,7 +382,12 @@ class StreamSession:
         return start, end
 
     def _make_request(
-        self, seg: _Segment, kind: RequestKind, end: int, supersedes: int | None = None
+        self,
+        seg: _Segment,
+        kind: RequestKind,
+        end: int,
+        supersedes: int | None = None,
+        prompt: tuple[int, ...] | None = None,
     ) -> DecodeRequest:
         start, end = self._window(seg, end)
         forced = seg.agreement.committed
@@ -369,7 +399,9 @@ class StreamSession:
             audio=self.buffer.slice(start, end),
             start=start,
             end=end,
-            prompt=tuple(self._history) if self.s.prompt_max_tokens > 0 else (),
+            prompt=(tuple(self._history) if self.s.prompt_max_tokens > 0 else ())
+            if prompt is None
+            else prompt,
             forced=forced,
             max_new_tokens=self.s.max_new_tokens(end - start, len(forced)),
             lang=seg.lang,
@@ -549,6 +581,11 @@ class StreamSession:
     @property
     def last_seq(self) -> int:
         return self._seq
+
+    def next_seq(self) -> int:
+        """Number an event made beside the session (a translation target's) in this
+        stream's ``seq`` sequence, so subscribers dropping repeats by ``seq`` keep it."""
+        return self._next_seq()
 
     @property
     def next_segment(self) -> int:

@@ -195,3 +195,39 @@ def test_alignatt_agreement_waits_for_a_second_hypothesis() -> None:
     first = lambda events: next(e.seq for e in events if e.committed)  # noqa: E731
     assert first(one) < first(two)
     assert one[-1].text == two[-1].text
+
+
+def test_a_final_cut_short_after_the_prompt_is_decoded_again_without_it() -> None:
+    """Whisper conditioned on earlier text can stop a long segment after one word."""
+
+    def early_eos(req: DecodeRequest) -> DecodeResult:
+        plain = fake_model(req)
+        if req.kind == "final" and req.prompt:
+            return dataclasses.replace(plain, tokens=plain.tokens[:1], pieces=plain.pieces[:1])
+        return plain
+
+    audio = np.concatenate([speech(1.5), silence(1), speech(3), silence(1)])
+    s = StreamSession("a", settings_(partials=False))
+    events, requests = drive(s, audio, engine=early_eos)
+    finals = [r for r in requests if r.kind == "final"]
+    # segment 0 has no prompt yet; segment 1's prompted final stopped after one token
+    assert [(r.segment, bool(r.prompt)) for r in finals] == [(0, False), (1, True), (1, False)]
+    assert [len(e.text.split()) for e in events] == [15, 30]  # the retry's full text
+    off = StreamSession("a", settings_(partials=False, short_final_rate=0.0))
+    events, _ = drive(off, audio, engine=early_eos)
+    assert [len(e.text.split()) for e in events] == [15, 1]
+
+
+def test_an_empty_final_is_not_retried() -> None:
+    """No tokens at all means no speech: decoding again without the prompt invites a
+    hallucination."""
+
+    def silent_final(req: DecodeRequest) -> DecodeResult:
+        plain = fake_model(req)
+        if req.kind == "final" and req.prompt:
+            return dataclasses.replace(plain, tokens=(), pieces=())
+        return plain
+
+    audio = np.concatenate([speech(1.5), silence(1), speech(3), silence(1)])
+    _, requests = drive(StreamSession("a", settings_(partials=False)), audio, engine=silent_final)
+    assert [r.segment for r in requests if r.kind == "final"] == [0, 1]
