@@ -33,11 +33,33 @@ def _config(args: argparse.Namespace) -> Config:
     overrides = list(args.set or [])
     if getattr(args, "model", None):
         overrides.append(f"model.id={args.model!r}".replace("'", '"'))
-    for key in ("source_language", "target_language", "device", "dtype"):
+    if getattr(args, "translation_model", None):
+        overrides.append(f"translation.model={args.translation_model!r}".replace("'", '"'))
+    for key in ("source_language", "device", "dtype"):
         value = getattr(args, key, None)
         if value:
             overrides.append(f'model.{key}="{value}"')
+    target = getattr(args, "target_language", None)
+    if target:
+        overrides.append(_target_override(target, load_config(args.config or [], overrides)))
     return load_config(args.config or [], overrides)
+
+
+def _target_override(value: str, cfg: Config) -> str:
+    """``--target-language``: the translation targets when a translation model is
+    configured (``[translation] model`` or ``--translation-model``), so the speech
+    model keeps its own target (Whisper: ``en``); else the speech model's target
+    (one code, as before translation targets existed)."""
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if cfg.translation.model:
+        return f'translation.targets="{",".join(items)}"'
+    if len(items) != 1:
+        raise ConfigError(
+            "several target languages need a translation model "
+            "(--translation-model or [translation] model)",
+            key="translation.model",
+        )
+    return f'model.target_language="{items[0]}"'
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -58,13 +80,19 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     from streamer.service.transcribe import transcribe_files
 
     files = [Path(f) for f in args.files]
-    if args.format in ("srt", "vtt") and len(files) > 1:
-        if not args.output or not Path(args.output).is_dir():
+    folder = Path(args.output) if args.output and Path(args.output).is_dir() else None
+    if args.format != "jsonl" and folder is None:
+        if cfg.translation.targets:
+            raise ConfigError(
+                f"{args.format} output holds one language: with translation targets, "
+                "-o must name a folder (it gets <stem>.<target>.<ext> per target)"
+            )
+        if args.format in ("srt", "vtt") and len(files) > 1:
             raise ConfigError(
                 f"a {args.format.upper()} file holds one recording: with several files, "
                 "-o must name a folder"
             )
-        folder = Path(args.output)
+    if args.format != "jsonl" and folder is not None:
         return asyncio.run(transcribe_files(cfg, files, args.format, sys.stdout, folder))
     with output_file(args.output or "-") as out:
         return asyncio.run(transcribe_files(cfg, files, args.format, out))
@@ -134,13 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=["jsonl", "srt", "vtt", "text"],
         default="jsonl",
-        help="jsonl: one final per line (with word timestamps); srt/vtt: subtitles timed "
-        "by the words; text: plain lines",
+        help="jsonl: one final per line (with word timestamps; translations with 'target'); "
+        "srt/vtt: subtitles timed by the words; text: plain lines. With -o a folder: "
+        "<stem>.srt etc. per file, <stem>.<target>.srt per translation target",
     )
     tr.add_argument("--output", "-o", metavar="PATH", help="write here instead of stdout")
     tr.add_argument("--model", help="model id or checkpoint folder (overrides model.id)")
     tr.add_argument("--source-language", help="source language code, or auto")
-    tr.add_argument("--target-language", help="target language code")
+    tr.add_argument(
+        "--target-language",
+        metavar="L[,L…]",
+        help="with a translation model: the translation targets (e.g. de,fr; the speech "
+        "model keeps its own target); without one: the speech model's target language",
+    )
+    tr.add_argument(
+        "--translation-model", metavar="ID", help="text translation model (translation.model)"
+    )
     tr.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     tr.add_argument("--dtype", help="auto, float32, float16, bfloat16, int8 (CPU)")
     tr.set_defaults(func=cmd_transcribe)

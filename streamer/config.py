@@ -45,6 +45,8 @@ BUILTIN_AUDIO: Mapping[str, str] = {"builtin:demo": "demo_fr.ogg"}
 _FILE = ("file",)
 _MIC = ("microphone",)
 _LANG = r"[a-z]{2,3}"
+#: A translation target: a language code, or a model's own code (deu_Latn, de_DE).
+_TARGET = r"[a-z]{2,3}([_-][A-Za-z]{2,4})?"
 
 
 def _f(default: _T, **rules: Any) -> _T:
@@ -89,8 +91,9 @@ class StreamingConfig:
     )
     alignatt_frames: int = _f(25, min=1)
     alignatt_agreement: int = _f(1, min=1)
-    partial_holdback_words: int = _f(0, min=0)
+    partial_holdback_words: int = _f(1, min=0)
     word_timestamps: bool = _f(True)
+    short_final_tokens_per_s: float = _f(0.5, min=0.0)
     max_tokens_per_second: float = _f(8.0, gt=0.0)
     min_tokens: int = _f(8, min=1)
     prompt_max_tokens: int = _f(64, min=0)
@@ -159,8 +162,19 @@ class WebSocketConfig:
     auth_timeout_s: float = _f(5.0, gt=0.0)
     client_languages: str = _f("", items=f"auto|{_LANG}")
     client_tasks: str = _f("", items="transcribe|translate")
+    client_targets: str = _f("", items=_TARGET)
     tls_cert: str = _f("", path=True)
     tls_key: str = _f("", path=True)
+
+
+@dataclass(frozen=True, slots=True)
+class TranslationConfig:
+    """The cascade: captions in further languages, translated from the speech model's text."""
+
+    targets: str = _f("", items=_TARGET)
+    model: str = _f("", model_path=True)
+    max_rows: int = _f(64, min=1)
+    max_admit_rows: int = _f(32, min=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +216,15 @@ class MqttConfig:
     flush_timeout_s: float = _f(5.0, min=0.0)
     hermes: bool = _f(False)
     hermes_site_id: str = _f("")
+
+
+@dataclass(frozen=True, slots=True)
+class WyomingConfig:
+    """Wyoming ASR server for Home Assistant (README "Wyoming"); off unless enabled."""
+
+    enabled: bool = _f(False)
+    host: str = _f("127.0.0.1", pattern=r"\S+")
+    port: int = _f(10300, min=0, max=65535)
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,8 +271,10 @@ class Config:
     vad: VadConfig = field(default_factory=VadConfig)
     sources: tuple[SourceConfig, ...] = field(default_factory=lambda: (SourceConfig(),))
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
+    translation: TranslationConfig = field(default_factory=TranslationConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    wyoming: WyomingConfig = field(default_factory=WyomingConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     jsonl: JsonlConfig = field(default_factory=JsonlConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -568,6 +593,8 @@ def _coerce(
         value = str(value)
     if typ is float and type(value) is int:
         value = float(value)
+    if "items" in rules and type(value) is list and all(type(v) is str for v in value):
+        value = ",".join(value)  # a TOML array for a list key: targets = ["de", "fr"]
     if type(value) is not typ:
         raise fail(f"expected {expected}, {got}")
     if typ is float and not math.isfinite(value):
@@ -739,6 +766,21 @@ def _validate(report: ConfigReport) -> list[ConfigError]:
     ws = cfg.websocket
     if bool(ws.tls_cert) != bool(ws.tls_key):
         problem("TLS needs both tls_cert and tls_key", "websocket.tls_cert", "websocket.tls_key")
+    tr = cfg.translation
+    if (tr.targets or ws.client_targets) and not tr.model:
+        key = "translation.targets" if tr.targets else "websocket.client_targets"
+        problem("translation targets need translation.model (a translation checkpoint)",
+                key, "translation.model")  # fmt: skip
+    wy = cfg.wyoming
+    if wy.enabled and not ws.enabled:
+        problem(
+            "the Wyoming server needs websocket.enabled: its requests are client streams "
+            "with the [websocket] limits (max_streams, max_audio_rate, idle_timeout_s)",
+            "wyoming.enabled",
+            "websocket.enabled",
+        )
+    elif wy.enabled and wy.port and wy.port == ws.port:
+        problem(f"wyoming.port is websocket.port ({ws.port})", "wyoming.port", "websocket.port")
     mq = cfg.mqtt
     if (mq.password or mq.password_file) and not mq.username:
         problem(

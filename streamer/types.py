@@ -67,12 +67,13 @@ class Hypothesis:
     extra: dict[str, Any] = field(default_factory=dict)
     run: str | None = None  # id of the daemon process that numbered it (None: offline)
     words: tuple[Word, ...] = ()  # finals: every word; partials: the committed ones
+    target: str | None = None  # a translation target's event; None: the speech model's own
 
     @classmethod
     def from_wire(cls, obj: dict[str, Any]) -> Hypothesis:
         """Parse a caption event (clients of the daemon); unknown keys go to ``extra``."""
         known = {"v", "type", "stream", "segment", "seq", "text", "committed", "tentative",
-                 "start", "end", "lang", "latency_ms", "run", "words"}  # fmt: skip
+                 "start", "end", "lang", "latency_ms", "run", "words", "target"}  # fmt: skip
         if obj.get("type") not in ("partial", "final"):
             raise ValueError(f"not a caption event: type {obj.get('type')!r}")
         return cls(
@@ -93,6 +94,7 @@ class Hypothesis:
                 Word(str(w["word"]), float(w["start"]), float(w["end"]))
                 for w in obj.get("words") or ()
             ),
+            target=None if obj.get("target") is None else str(obj["target"]),
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -116,5 +118,7 @@ class Hypothesis:
         out["latency_ms"] = None if self.latency_ms is None else round(self.latency_ms, 1)
         if self.words:
             out["words"] = [w.to_wire() for w in self.words]
+        if self.target is not None:
+            out["target"] = self.target
         out.update(self.extra)
         return out

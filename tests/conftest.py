@@ -22,8 +22,9 @@ FINAL_KEYS = frozenset(
     {"v", "type", "stream", "segment", "seq", "text", "start", "end", "lang", "latency_ms"}
 )
 PARTIAL_KEYS = FINAL_KEYS | {"committed", "tentative"}
-#: Optional keys: the daemon's run id (``streamer transcribe`` has none), word timestamps.
-OPTIONAL_KEYS = frozenset({"run", "words"})
+#: Optional keys: the daemon's run id (``streamer transcribe`` has none), word timestamps,
+#: the translation target of a target's event.
+OPTIONAL_KEYS = frozenset({"run", "words", "target"})
 
 
 def _cache_dir() -> Path:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a fresh Debian/Ubuntu machine for streamer:
 # Debian packages (PortAudio for microphones; with --test also what the test
-# suite drives: Mosquitto, espeak-ng, Chromium and its WebDriver, systemd-analyze), a virtual
-# environment in .venv, and the package with its dev extras.
+# suite drives: Mosquitto, HAProxy, espeak-ng, Chromium and its WebDriver,
+# systemd-analyze), a virtual environment in .venv, and the package with its
+# dev extras.
 # Re-running is cheap: apt is skipped when the packages are there and pip
 # is skipped while pyproject.toml and this script are unchanged.
 set -euo pipefail
@@ -11,7 +12,7 @@ cd "$root"
 
 DEB_PACKAGES=(libportaudio2)
 if [[ "${1:-}" == "--test" ]]; then
-  DEB_PACKAGES+=(mosquitto espeak-ng chromium chromium-driver systemd)
+  DEB_PACKAGES+=(mosquitto haproxy espeak-ng chromium chromium-driver systemd)
 fi
 
 need=()
@@ -27,10 +28,12 @@ if ((${#need[@]})); then
   if ! { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; }; then
     echo "bootstrap: warning: could not install ${need[*]} (microphones and some tests need them)" >&2
   fi
-  # Debian starts a system-wide broker on install; the tests start their own.
-  if [[ " ${need[*]} " == *" mosquitto "* ]] && command -v systemctl >/dev/null 2>&1; then
-    $sudo systemctl disable --now mosquitto >/dev/null 2>&1 || true
-  fi
+  # Debian starts a system-wide broker and proxy on install; the tests start their own.
+  for service in mosquitto haproxy; do
+    if [[ " ${need[*]} " == *" $service "* ]] && command -v systemctl >/dev/null 2>&1; then
+      $sudo systemctl disable --now "$service" >/dev/null 2>&1 || true
+    fi
+  done
 fi
 
 PY="${PYTHON:-python3}"

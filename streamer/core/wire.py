@@ -10,6 +10,11 @@ close code the adapter answers with (README "WebSocket protocol"):
 - 1008: a well-formed message the server refuses (unknown field, bad value, option
   not allowed)
 
+A ``start`` may carry ``resume`` (:class:`Resume`): a client that lost its
+connection continues its stream, possibly on another daemon. Both numbers are
+the client's word, so they are bounded here and the server only lets them
+push numbering up (README "Resuming a stream").
+
 :class:`RateGuard` is the pure arithmetic of the ingest throttle: the adapter
 passes the clock in.
 """
@@ -32,6 +37,7 @@ __all__ = [
     "IngestPolicy",
     "PcmDecoder",
     "RateGuard",
+    "Resume",
     "StartMessage",
     "parse_auth",
     "parse_control",
@@ -44,6 +50,11 @@ MIN_RATE, MAX_RATE = 8000, 192000
 MAX_CHANNELS = 8
 STREAM_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_TOKEN = 4096
+#: ``resume.seq`` at most: numbers stay exact in JavaScript (2**53) with room
+#: for 2**32 more events after it.
+MAX_RESUME_SEQ = 2**53 - 2**32
+#: ``resume.offset`` at most, in seconds (about 31 years of audio).
+MAX_RESUME_OFFSET_S = 1e9
 
 UNSUPPORTED = 1003
 INVALID_PAYLOAD = 1007
@@ -51,8 +62,10 @@ POLICY = 1008
 
 _START_FIELDS = frozenset(
     {"type", "stream", "sample_rate", "encoding", "channels", "language", "task", "token",
-     "partials"}
+     "partials", "resume", "targets"}
 )  # fmt: skip
+#: Most translation targets one stream may ask for.
+MAX_TARGETS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +74,19 @@ class IngestPolicy:
 
     languages: frozenset[str] = frozenset()
     tasks: frozenset[str] = frozenset()
+    targets: frozenset[str] = frozenset()  # translation targets (``websocket.client_targets``)
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Where a reconnecting client's stream goes on: after event ``seq``, at
+    ``offset`` seconds of stream audio (the end of the last final it got)."""
+
+    seq: int
+    offset: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"seq": self.seq, "offset": self.offset}
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +101,14 @@ class StartMessage:
     task: str | None = None
     token: str | None = None
     partials: bool = True
+    resume: Resume | None = None
+    targets: tuple[str, ...] | None = None  # None: the server's [translation] targets
 
-    def ready(self, model_sample_rate: int, stream: str) -> dict[str, Any]:
-        """The server's acknowledgement, sent before the client's first audio frame."""
+    def ready(
+        self, model_sample_rate: int, stream: str, resume: Resume | None = None
+    ) -> dict[str, Any]:
+        """The server's acknowledgement, sent before the client's first audio frame;
+        ``resume``: where the resumed stream actually goes on (seq, offset)."""
         reply: dict[str, Any] = {
             "type": "ready",
             "v": 1,
@@ -91,6 +122,8 @@ class StartMessage:
             reply["language"] = self.language
         if self.task is not None:
             reply["task"] = self.task
+        if resume is not None:
+            reply["resume"] = resume.to_wire()
         return reply
 
 
@@ -125,6 +158,50 @@ def _choice(msg: dict[str, Any], key: str, allowed: frozenset[str]) -> str | Non
         listed = ", ".join(sorted(allowed))
         raise ProtocolError(f"start: {key} {value!r} is not allowed (allowed: {listed})", POLICY)
     return value
+
+
+def _resume(msg: dict[str, Any], stream: str | None) -> Resume | None:
+    """``resume``: ``{"seq": int, "offset": seconds}``, both required and bounded."""
+    value = msg.get("resume")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"seq", "offset"}:
+        raise ProtocolError('start: \'resume\' must be {"seq": N, "offset": S}', POLICY)
+    if stream is None:
+        raise ProtocolError("start: 'resume' needs the 'stream' it continues", POLICY)
+    seq, offset = value["seq"], value["offset"]
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_RESUME_SEQ:
+        raise ProtocolError(f"start: resume.seq must be an integer in 0..{MAX_RESUME_SEQ}",
+                            POLICY)  # fmt: skip
+    if (
+        isinstance(offset, bool)
+        or not isinstance(offset, int | float)
+        or not math.isfinite(offset)
+        or not 0 <= offset <= MAX_RESUME_OFFSET_S
+    ):
+        raise ProtocolError(
+            f"start: resume.offset must be seconds in 0..{MAX_RESUME_OFFSET_S:g}", POLICY
+        )
+    return Resume(seq, float(offset))
+
+
+def _targets(msg: dict[str, Any], allowed: frozenset[str]) -> tuple[str, ...] | None:
+    """``targets``: a list of translation targets the server allows (``[]``: none)."""
+    value = msg.get("targets")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise ProtocolError("start: 'targets' must be a list of language codes", POLICY)
+    if len(value) > MAX_TARGETS:
+        raise ProtocolError(f"start: at most {MAX_TARGETS} targets", POLICY)
+    if value and not allowed:
+        raise ProtocolError("start: this server does not let clients choose 'targets'", POLICY)
+    for target in value:
+        if target not in allowed:
+            listed = ", ".join(sorted(allowed))
+            raise ProtocolError(f"start: target {target!r} is not allowed (allowed: {listed})",
+                                POLICY)  # fmt: skip
+    return tuple(dict.fromkeys(value))
 
 
 def parse_start(text: str, policy: IngestPolicy) -> StartMessage:
@@ -166,6 +243,8 @@ def parse_start(text: str, policy: IngestPolicy) -> StartMessage:
         task=_choice(msg, "task", policy.tasks),
         token=token,
         partials=partials,
+        resume=_resume(msg, stream),
+        targets=_targets(msg, policy.targets),
     )
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 
 from streamer.core.session import DecodeRequest, DecodeResult
+from streamer.core.translation import TranslateRequest, TranslateResult
 from streamer.engine.core import Engine
 
 
@@ -43,3 +44,23 @@ class EngineClient:
 
     async def decode(self, req: DecodeRequest) -> DecodeResult:
         return await self.submit(req)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Translation targets of the cascade (empty: no translation model loaded)."""
+        return self.engine.targets
+
+    def translate(self, req: TranslateRequest) -> asyncio.Future[TranslateResult]:
+        """Submit a text translation; the future resolves on the loop."""
+        fut: asyncio.Future[TranslateResult] = self.loop.create_future()
+
+        def deliver(result: TranslateResult) -> None:
+            if not fut.done():
+                fut.set_result(result)
+
+        def on_engine_thread(result: TranslateResult) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self.loop.call_soon_threadsafe(deliver, result)
+
+        self.engine.submit_translation(req, on_engine_thread)
+        return fut

@@ -16,6 +16,12 @@ error result for that window and go on); ``max_consecutive_oom`` failed steps
 in a row, or any error that leaves the device unusable (a CUDA/accelerator
 error), stop the engine and are reported through ``fatal``/``on_fatal``. Other
 exceptions fail the step's windows and are logged with a traceback (a bug).
+
+Translation (the cascade, ``[translation]``): with a ``translator``, text
+translation requests (``submit_translation``) share the thread and the
+steps: each step, after the speech windows, the :class:`TranslationWorker`
+admits waiting requests (finals first, within its budgets) and decodes one
+token for every running translation row.
 """
 
 from __future__ import annotations
@@ -32,13 +38,17 @@ from dataclasses import dataclass
 import torch
 
 from streamer.core.session import DecodeRequest, DecodeResult
+from streamer.core.translation import TranslateRequest, TranslateResult
 from streamer.engine.decoding import DecodeCancelled, Decoder
 from streamer.engine.runner import BatchRunner
 from streamer.engine.scheduler import Job, Scheduler, SchedulerLimits, StepPlan
+from streamer.engine.translate_runner import TranslateCallback, TranslateLimits, TranslationWorker
+from streamer.engine.translation import Translator
 
 log = logging.getLogger(__name__)
 
 ResultCallback = Callable[[DecodeResult], None]
+_Inbox = tuple[DecodeRequest, ResultCallback] | tuple[TranslateRequest, TranslateCallback]
 IDLE_WAIT_S = 1.0  # the heartbeat still beats this often when there is no work
 
 
@@ -57,6 +67,8 @@ class EngineStats:
     static_steps: int = 0  # decode passes of the static (``compile``) path
     compiled_shapes: int = 0  # its shape buckets compiled so far
     compile_seconds: float = 0.0  # wall time of their first (compiling) calls
+    translate_seconds: float = 0.0  # of busy_seconds: translation admission and decode
+    translate_requests: int = 0
 
     @property
     def real_time_factor(self) -> float:
@@ -126,6 +138,8 @@ class Engine:
         max_consecutive_oom: int = 5,
         limits: SchedulerLimits | None = None,
         compile: bool = False,
+        translator: Translator | None = None,
+        translate_limits: TranslateLimits | None = None,
     ) -> None:
         self.decoder = decoder
         self.sample_rate = decoder.m.sample_rate
@@ -133,9 +147,10 @@ class Engine:
         self.runner = BatchRunner(
             decoder, compile=compile, max_rows=self.scheduler.limits.max_running
         )
-        self._inbox: queue.SimpleQueue[tuple[DecodeRequest, ResultCallback] | None] = (
-            queue.SimpleQueue()
+        self.translation = (
+            TranslationWorker(translator, translate_limits) if translator is not None else None
         )
+        self._inbox: queue.SimpleQueue[_Inbox | None] = queue.SimpleQueue()
         self._callbacks: dict[tuple[str, int], ResultCallback] = {}
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.stats = EngineStats()
@@ -192,6 +207,23 @@ class Engine:
             self._cancelled.add((req.stream, req.supersedes))
         self._inbox.put((req, callback))
 
+    def submit_translation(self, req: TranslateRequest, callback: TranslateCallback) -> None:
+        """Queue a text translation (the cascade); the callback runs on the engine thread."""
+        if self.translation is None:
+            raise RuntimeError("this engine has no translation model")
+        if self.fatal is not None:
+            raise RuntimeError(f"engine stopped: {self.fatal}")
+        self._inbox.put((req, callback))
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Translation targets of the cascade (empty without a translator)."""
+        return self.translation.translator.targets if self.translation is not None else ()
+
+    @property
+    def _idle(self) -> bool:
+        return self.scheduler.idle and (self.translation is None or self.translation.idle)
+
     def stop(self, timeout: float = 10.0) -> bool:
         """Finish queued work, then end the thread; True when it ended in time."""
         self._stopping = True
@@ -209,7 +241,7 @@ class Engine:
             if self.fatal is not None:
                 self._fail_pending()
                 return
-            if self.scheduler.idle:  # nothing to do: wait for work, beating
+            if self._idle:  # nothing to do: wait for work, beating
                 try:
                     item = self._inbox.get(timeout=IDLE_WAIT_S)
                 except queue.Empty:
@@ -221,16 +253,20 @@ class Engine:
                 stopping |= self._take(item, time.monotonic())
             stopping |= self._drain_inbox()
             self.heartbeat = time.monotonic()
-            if self.scheduler.idle:
+            if self._idle:
                 if stopping:
                     return
                 continue
             self._step()
 
-    def _take(self, item: tuple[DecodeRequest, ResultCallback] | None, now: float) -> bool:
+    def _take(self, item: _Inbox | None, now: float) -> bool:
         """Hand one submitted request to the scheduler; True for the stop sentinel."""
         if item is None:
             return True
+        if isinstance(item[0], TranslateRequest):
+            assert self.translation is not None
+            self.translation.submit(item[0], item[1], now)
+            return False
         req, callback = item
         self._callbacks[(req.stream, req.request_id)] = callback
         self.scheduler.submit(req, now)
@@ -278,6 +314,8 @@ class Engine:
         stats.max_step_seconds = max(stats.max_step_seconds, spent)
         stats.max_batch = max(stats.max_batch, rows)
         stats.batch_rows += rows
+        if self.translation is not None and not self.translation.idle:
+            self._translate_step()
         static = self.runner.static
         if static is not None:
             stats.static_steps = static.steps
@@ -285,6 +323,35 @@ class Engine:
             stats.compile_seconds = sum(static.compile_seconds.values())
         self._lag = self.scheduler.lag(time.monotonic())
         self.heartbeat = time.monotonic()
+
+    def _translate_step(self) -> None:
+        """The translation rows' share of the step (after the speech windows)."""
+        worker = self.translation
+        assert worker is not None
+        t0 = time.monotonic()
+        try:
+            with torch.inference_mode():
+                answers = worker.step()
+        except Exception as exc:  # its requests fail; the speech rows go on
+            oom = isinstance(exc, torch.OutOfMemoryError)
+            answers = worker.fail_all("out of memory" if oom else f"{type(exc).__name__}: {exc}")
+            if not oom and _is_fatal(exc):
+                self.fatal = EngineFailure.from_error(exc)
+                self._report_fatal()
+            elif not oom:
+                log.error("translation failed for %d request(s)", len(answers), exc_info=exc)
+        spent = time.monotonic() - t0
+        self.stats.busy_seconds += spent
+        self.stats.translate_seconds += spent
+        for callback, result in answers:
+            self.stats.translate_requests += 1
+            self._answer_translation(callback, result)
+
+    def _answer_translation(self, callback: TranslateCallback, result: TranslateResult) -> None:
+        try:
+            callback(result)
+        except Exception:  # a sink-side bug must not kill the engine
+            log.exception("translation callback failed for request %d", result.request_id)
 
     def _release_memory(self) -> None:
         """The engine went idle after work: return freed memory to the system.
@@ -375,6 +442,9 @@ class Engine:
             plan = self.scheduler.plan()
             for job in (*plan.cancelled, *plan.decode, *plan.admit):
                 self._fail(job, "engine stopped")
+        if self.translation is not None:
+            for callback, result in self.translation.fail_all("engine stopped"):
+                self._answer_translation(callback, result)
 
     def _fail(self, job: Job, error: str) -> None:
         self._answer(job, DecodeResult(job.req.request_id, (), (), error=error))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import secrets
@@ -39,15 +40,18 @@ from streamer.config import (
 from streamer.core.admission import AdmissionGate, AdmissionLimits, Demand
 from streamer.core.segmenter import SegmenterSettings
 from streamer.core.session import SessionSettings, StreamSession
+from streamer.core.translation import TranslationTrack
 from streamer.core.wire import IngestPolicy
 from streamer.errors import ConfigError, StreamerError
 from streamer.service.exposure import exposure_warnings
 from streamer.service.ingest import IngestLimits, IngestService
 from streamer.service.logs import register_secret, reload_logging
 from streamer.service.metrics import Metrics
+from streamer.service.realtime import RealtimeService
 from streamer.service.seq_store import SeqReservations, SeqStoreError, resolve_state_dir
 from streamer.service.streams import BULK_AHEAD_S, StreamRunner
 from streamer.service.systemd import SystemdService
+from streamer.service.wyoming import WyomingServer
 from streamer.sinks.caption_page import add_page_routes
 from streamer.sinks.console import ConsoleSink
 from streamer.sinks.fanout import Fanout, Subscription
@@ -98,18 +102,19 @@ def session_settings(cfg: Config, sample_rate: int, frame_samples: int) -> Sessi
     return SessionSettings(
         sample_rate=sample_rate,
         chunk=samples(st.chunk_ms / 1000),
+        first_chunk=samples(st.first_chunk_ms / 1000),
         left_context=samples(st.left_context_s),
         max_segment=samples(st.max_segment_s),
         max_window=samples(st.max_window_s),
-        first_chunk=samples(st.first_chunk_ms / 1000),
         agreement_n=st.agreement_n,
-        max_tokens_per_second=st.max_tokens_per_second,
-        min_tokens=st.min_tokens,
         policy="alignatt" if st.policy == "alignatt" else "local_agreement",
         alignatt_frames=st.alignatt_frames,
-        partial_holdback_words=st.partial_holdback_words,
         alignatt_agreement=st.alignatt_agreement,
+        partial_holdback_words=st.partial_holdback_words,
         word_timestamps=st.word_timestamps,
+        short_final_rate=st.short_final_tokens_per_s,
+        max_tokens_per_second=st.max_tokens_per_second,
+        min_tokens=st.min_tokens,
         prompt_max_tokens=st.prompt_max_tokens,
         vad=vad.enabled,
         segmenter=SegmenterSettings(
@@ -151,21 +156,51 @@ def make_decoder(cfg: Config) -> Decoder:
     return Decoder(load_model(model_spec(cfg)), cfg.streaming.whisper_input)
 
 
+def all_targets(cfg: Config) -> tuple[str, ...]:
+    """Every translation target the daemon serves: ``[translation] targets`` and
+    ``websocket.client_targets`` (one model each, or one multilingual model)."""
+    items = split_items(cfg.translation.targets) + split_items(cfg.websocket.client_targets)
+    return tuple(dict.fromkeys(items))
+
+
+def make_translator(cfg: Config) -> Any:
+    """Load the ``[translation]`` checkpoint(s) (blocking); None without targets."""
+    targets = all_targets(cfg)
+    if not targets:
+        return None
+    from streamer.engine.translation import TranslationSpec, load_translator
+
+    if not cfg.translation.model:
+        raise ConfigError("translation targets need translation.model", key="translation.model")
+    m = cfg.model
+    source = m.source_language if m.source_language != "auto" else "en"
+    spec = TranslationSpec(cfg.translation.model, targets, source, m.device, m.dtype)
+    return load_translator(spec)
+
+
 def start_engine(cfg: Config) -> Engine:
     """Load the model and start the engine thread (blocking: call off the loop)."""
     from streamer.engine.core import Engine
     from streamer.engine.scheduler import SchedulerLimits
+    from streamer.engine.translate_runner import TranslateLimits
 
     e = cfg.engine
     decoder = make_decoder(cfg)
+    translator = make_translator(cfg)
     limits = SchedulerLimits(
         max_running=e.max_running,
         max_admit=e.max_admit,
         max_admit_samples=round(e.max_admit_audio_s * decoder.m.sample_rate),
         max_prefill_tokens=e.max_prefill_tokens,
     )
+    tr = cfg.translation
     engine = Engine(
-        decoder, max_consecutive_oom=e.max_consecutive_oom, limits=limits, compile=e.compile
+        decoder,
+        max_consecutive_oom=e.max_consecutive_oom,
+        limits=limits,
+        compile=e.compile,
+        translator=translator,
+        translate_limits=TranslateLimits(max_rows=tr.max_rows, max_admit_rows=tr.max_admit_rows),
     )
     engine.start()
     return engine
@@ -211,9 +246,20 @@ class StreamFactory:
         language: str | None = None,
         task: str | None = None,
         origin: str = "source",
+        segmenter: Callable[[SegmenterSettings], SegmenterSettings] | None = None,
+        seq_floor: int = 0,
+        start: int = 0,
+        targets: tuple[str, ...] | None = None,
     ) -> StreamRunner:
-        """A runner for ``stream``; ``language`` ("auto" = detect) and ``task`` override
-        the model's configuration for this stream only."""
+        """A runner for ``stream``; ``language`` ("auto" = detect), ``task`` and
+        ``segmenter`` (endpointing) override the configuration for this stream only.
+
+        A resumed stream: ``seq`` continues above ``seq_floor`` too (never below
+        what this process or its durable marks know), and its audio begins at
+        sample ``start`` of the stream: the session counts from 0 as always, and
+        its events are moved onto the stream's clock as they are published.
+        ``targets``: this stream's translation targets (None: ``[translation]
+        targets``; ``()``: none)."""
         if stream in self.runners:
             raise ValueError(f"stream {stream!r} is already running")
         sr = self.client.sample_rate
@@ -228,14 +274,32 @@ class StreamFactory:
             settings = dataclasses.replace(settings, lang=None if language == "auto" else language)
         if task is not None:
             settings = dataclasses.replace(settings, task=task)
+        if segmenter is not None:
+            settings = dataclasses.replace(settings, segmenter=segmenter(settings.segmenter))
         seq_after, first_segment = self._ended.pop(stream, (-1, 0))
         if seq_after < 0:  # not seen in this process: after its durable mark
             seq_after = self.seqs.start(stream) if self.seqs is not None else 0
-        session = StreamSession(stream, settings, seq_after=seq_after, first_segment=first_segment)
-        runner = StreamRunner(session, self.client, self._publish, vad)
+        session = StreamSession(
+            stream, settings, seq_after=max(seq_after, seq_floor), first_segment=first_segment
+        )
+        publish: Callable[[Hypothesis], None] = self._publish
+        if start:
+            publish = functools.partial(self._publish_at, start / sr)
+        if targets is None:
+            targets = split_items(self.cfg.translation.targets)
+        track = TranslationTrack(stream, targets) if targets else None
+        runner = StreamRunner(session, self.client, publish, vad, translation=track)
         self.runners[stream] = runner
         self.origins[stream] = origin
         return runner
+
+    def _publish_at(self, offset: float, event: Hypothesis) -> None:
+        """Publish an event of a session whose audio begins ``offset`` s into its stream."""
+        words = tuple(
+            dataclasses.replace(w, start=w.start + offset, end=w.end + offset) for w in event.words
+        )
+        start, end = event.start + offset, event.end + offset
+        self._publish(dataclasses.replace(event, start=start, end=end, words=words))
 
     def _publish(self, event: Hypothesis) -> None:
         """Reserve the event's ``seq`` durably, stamp the run id, then publish."""
@@ -380,7 +444,15 @@ def ingest_policy(ws: WebSocketConfig, client: EngineClient) -> IngestPolicy:
         raise ConfigError(
             f"{unknown[0]!r} is not a language of this model", key="websocket.client_languages"
         )
-    return IngestPolicy(languages=frozenset(languages), tasks=frozenset(tasks))
+    targets = set(split_items(ws.client_targets))
+    missing = sorted(targets - set(client.targets))
+    if missing:  # (app.all_targets loads every client target: a bug if reached)
+        raise ConfigError(
+            f"no translation model for {missing[0]!r}", key="websocket.client_targets"
+        )
+    return IngestPolicy(
+        languages=frozenset(languages), tasks=frozenset(tasks), targets=frozenset(targets)
+    )
 
 
 class App:
@@ -401,6 +473,7 @@ class App:
         self.engine: Engine | None = None
         self.server: CaptionServer | None = None
         self.ingest: IngestService | None = None
+        self.wyoming: WyomingServer | None = None
         self.mqtt: MqttSink | None = None
         self.factory: StreamFactory | None = None
         self.run_id = secrets.token_hex(8)  # on every event and the MQTT status
@@ -460,6 +533,18 @@ class App:
             except Exception:  # a bug: say so, keep sampling
                 log.exception("admission: sampling the engine's load failed")
             await asyncio.sleep(ADMISSION_SAMPLE_S)
+
+    @property
+    def full(self) -> bool:
+        """Every ``max_streams`` slot is taken: /readyz answers 503 so that a load
+        balancer sends new clients elsewhere (the streams already here go on)."""
+        return self.ingest is not None and self.ingest.full
+
+    def _streams_detail(self) -> str:
+        if self.ingest is None:
+            return ""
+        state = "full: refusing new streams" if self.ingest.full else "open"
+        return f"streams: {state} ({self.ingest.active} of {self.ingest.limits.max_streams})"
 
     def _admission_detail(self) -> str:
         if not self.cfg.admission.enabled:
@@ -532,7 +617,7 @@ class App:
             sinks.append(self.mqtt)
         for sink in sinks:
             name = type(sink).__name__.removesuffix("Sink").lower()
-            sub = self.fanout.subscribe(kinds=sink.kinds, name=name)
+            sub = self.fanout.subscribe(kinds=sink.kinds, targets=sink.targets, name=name)
             self._sink_subs.append(sub)
             self._sink_tasks.append(asyncio.create_task(sink.run(sub), name=f"sink-{name}"))
 
@@ -744,7 +829,7 @@ class App:
             ws.port,
             max_subscribers=ws.max_subscribers,
             queue_finals=ws.queue_finals,
-            ready=lambda: self.ready and self.saturated is None,
+            ready=lambda: self.ready and not self.full and self.saturated is None,
             access=access,
             ssl_context=ssl_context,
             max_frame_bytes=ws.max_frame_bytes,
@@ -754,11 +839,12 @@ class App:
         )
         self.server.add_route("/metrics", self._serve_metrics, name="metrics", auth=True)
         self.server.add_ready_detail(self._engine_detail)
+        self.server.add_ready_detail(self._streams_detail)
         self.server.add_ready_detail(self._admission_detail)
         mqtt = self.mqtt
         if mqtt is not None:
             self.server.add_ready_detail(mqtt.describe)
-        add_page_routes(self.server)
+        add_page_routes(self.server, targets=all_targets(self.cfg))
         limits = IngestLimits(
             max_streams=ws.max_streams,
             max_audio_rate=ws.max_audio_rate,
@@ -767,9 +853,17 @@ class App:
             finalize_timeout_s=SHUTDOWN_STEP_TIMEOUT,
         )
         self.ingest = IngestService(self.server, self.fanout, limits, observer=self.metrics)
+        RealtimeService(self.ingest, self.cfg)  # /v1/realtime: OpenAI Realtime transcription
         await self.server.start()
         scheme = "wss" if ssl_context is not None else "ws"
         log.info("captions on %s://%s:%d/v1/captions", scheme, ws.host, self.server.port)
+        if self.cfg.wyoming.enabled:  # Home Assistant's Wyoming: client streams over TCP
+            self.wyoming = WyomingServer(self.ingest, self.cfg)
+            try:
+                await self.wyoming.start()
+            except StreamerError:
+                await self._close_server()
+                raise
 
     async def _stop_engine(self) -> None:
         if self.engine is not None:
@@ -819,6 +913,9 @@ class App:
                 task.cancel()
 
     async def _close_server(self) -> None:
+        if self.wyoming is not None:
+            await self.wyoming.close(timeout=1.0)
+            self.wyoming = None
         if self.server is not None:
             await self.server.close()
             self.server = None

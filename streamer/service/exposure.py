@@ -21,6 +21,18 @@ TOKEN_ENV = "STREAMER_WS_TOKEN"
 
 def exposure_warnings(cfg: Config, environ: Mapping[str, str] | None = None) -> list[str]:
     """One line per way the captions and audio input are open to anybody."""
+    wy = cfg.wyoming
+    wyoming = []
+    if wy.enabled and not is_loopback(wy.host):
+        wyoming.append(
+            f"wyoming.host = {wy.host!r} is not a loopback address and Wyoming has no "
+            f"authentication: anyone who can reach port {wy.port} can stream audio in and "
+            "read its transcripts"
+        )
+    return _websocket_warnings(cfg, environ) + wyoming
+
+
+def _websocket_warnings(cfg: Config, environ: Mapping[str, str] | None) -> list[str]:
     ws = cfg.websocket
     if not ws.enabled:
         return []

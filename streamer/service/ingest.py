@@ -29,6 +29,17 @@ Shutdown (:meth:`IngestService.stop_input`, then :meth:`close`): new clients
 get 503; every client's reader stops at the next frame boundary (a frame the
 server already read is fed, nothing after it is read), its stream ends, it
 gets every final of the audio taken, then a 1001 close.
+
+Resume: a ``start`` with ``resume`` continues a stream whose connection broke,
+here or on another daemon (:mod:`streamer.service.resume`); on this daemon it
+first waits for the stream's earlier session to publish its last finals.
+
+The other client protocols (:mod:`streamer.service.realtime`,
+:mod:`streamer.service.wyoming`) are served through the same service: its
+public methods (:meth:`~IngestService.admit`, :meth:`~IngestService.open_stream`,
+:meth:`~IngestService.serving`, ...) give them the same slots, admission,
+throttle, keepalive and shutdown, and :class:`~streamer.service.client_io.AudioFeed`
+the same pacing.
 """
 
 from __future__ import annotations
@@ -39,48 +50,47 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from streamer.audio.resample import StreamResampler
-from streamer.core.wire import IngestPolicy, PcmDecoder, RateGuard, parse_control, parse_start
+from streamer.core.segmenter import SegmenterSettings
+from streamer.core.wire import IngestPolicy, PcmDecoder, Resume, parse_control, parse_start
 from streamer.errors import ProtocolError
+from streamer.service.client_io import PIECE_S, AudioFeed, IngestObserver
+from streamer.service.resume import WAIT_S, ResumePlan, plan_resume
 from streamer.service.streams import StreamRunner
 from streamer.sinks.fanout import ALL_KINDS, Fanout, Subscription
+from streamer.sinks.targets import SOURCE_ONLY, TargetSelection
 from streamer.sinks.websocket import CaptionServer, close_with_error
-from streamer.types import AudioBlock
 
 if TYPE_CHECKING:  # app.py imports this module
     from streamer.service.app import StreamFactory
 
-__all__ = ["STREAM_PATH", "IngestLimits", "IngestObserver", "IngestService"]
+__all__ = [
+    "PIECE_S",
+    "STREAM_PATH",
+    "IdleTimeout",
+    "IngestLimits",
+    "IngestObserver",
+    "IngestService",
+    "Liveness",
+    "ShuttingDown",
+]
 
 log = logging.getLogger(__name__)
 
 STREAM_PATH = "/v1/stream"
 ENDPOINT = "stream"
-#: The most audio (seconds) fed to a stream at once; longer frames are cut.
-PIECE_S = 0.5
 
 #: Says why a new stream cannot be served now (None: it can).
 Admission = Callable[[], str | None]
-
-
-class IngestObserver(Protocol):
-    """What the metrics learn from client streams."""
-
-    def audio_received(self, seconds: float) -> None: ...
-
-    def throttled(self, seconds: float) -> None: ...
-
-    def client_stream_closed(self, code: int) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,15 +104,15 @@ class IngestLimits:
     finalize_timeout_s: float = 30.0
 
 
-class _Idle(Exception):
-    pass
+class IdleTimeout(Exception):
+    """The client sent nothing for ``idle_timeout_s``."""
 
 
-class _ShuttingDown(Exception):
-    pass
+class ShuttingDown(Exception):
+    """The daemon is shutting down: read nothing more from this client."""
 
 
-class _Liveness:
+class Liveness:
     """What the keepalive knows of one client: last frame, and whether we hold it back."""
 
     def __init__(self, now: float) -> None:
@@ -141,15 +151,16 @@ class IngestService:
         self.factory: StreamFactory | None = None
         self.policy = IngestPolicy()
         self.admission: Admission = lambda: None
-        self._conns: set[ServerConnection] = set()  # authenticated: they hold a slot
+        self._conns: set[Hashable] = set()  # authenticated clients of any protocol: a slot each
         self._subs: set[Subscription] = set()
         self._finishing: set[asyncio.Task[None]] = set()
+        self._finishing_by_stream: dict[str, asyncio.Task[None]] = {}
         self._handlers: set[asyncio.Task[object]] = set()
         self._feeding: set[StreamRunner] = set()  # streams whose reader may still feed
         self._fed_all = asyncio.Event()
         self._fed_all.set()
         self._stopping = asyncio.Event()
-        self._names = itertools.count(1)
+        self._names: dict[str, Iterator[int]] = {}
         server.add_route(STREAM_PATH, self._check, self._serve, name=ENDPOINT)
 
     def attach(
@@ -169,6 +180,11 @@ class IngestService:
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
+
+    @property
+    def full(self) -> bool:
+        """Every ``max_streams`` slot is taken (``/readyz`` says 503)."""
+        return len(self._conns) >= self.limits.max_streams
 
     async def stop_input(self, timeout: float) -> bool:
         """Shutdown, first step: stop reading audio and end every client stream.
@@ -204,22 +220,38 @@ class IngestService:
     # -- before the upgrade ------------------------------------------------------
 
     def _check(self, conn: ServerConnection, request: Request) -> Response | None:
+        return self.admit(conn, ENDPOINT)
+
+    def admit(
+        self, conn: ServerConnection, endpoint: str, *, in_band_auth: bool = True
+    ) -> Response | None:
+        """The check before a client stream's upgrade, for every WebSocket protocol.
+
+        None lets it through holding a ``max_streams`` slot, or, when it must
+        still send its token in-band (``in_band_auth``), with no slot yet;
+        without ``in_band_auth`` a missing bearer header is HTTP 401.
+        """
         if self.server.closing or self.stopping:
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server shutting down\n")
         if self.factory is None:
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "model loading\n")
         if self.server.needs_auth_message(conn):
-            return None  # no slot until its start message carries the token
-        refusal = self._refusal()
+            if in_band_auth:
+                return None  # no slot until its first message carries the token
+            self.server.rejected(endpoint, "auth")
+            response = conn.respond(HTTPStatus.UNAUTHORIZED, "authentication required\n")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="streamer"'
+            return response
+        refusal = self.refusal(endpoint)
         if refusal is not None:
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"{refusal}\n")
-        self._hold_slot(conn)
+        self.hold_slot(conn, conn.connection_lost_waiter)
         return None
 
-    def _refusal(self) -> str | None:
+    def refusal(self, endpoint: str = ENDPOINT) -> str | None:
         """Why a new stream is refused now (counted in the metrics), or None."""
         if len(self._conns) >= self.limits.max_streams:
-            self.server.rejected(ENDPOINT, "limit")
+            self.server.rejected(endpoint, "limit")
             return "too many streams"
         try:
             reason = self.admission()
@@ -227,25 +259,109 @@ class IngestService:
             log.exception("admission check failed")
             reason = None
         if reason is not None:
-            self.server.rejected(ENDPOINT, "saturated")
+            self.server.rejected(endpoint, "saturated")
             return reason
         return None
 
-    def _hold_slot(self, conn: ServerConnection) -> None:
-        """The slot is held until the TCP connection is gone, whatever happens."""
-        self._conns.add(conn)
-        conn.connection_lost_waiter.add_done_callback(lambda _: self._conns.discard(conn))
+    def hold_slot(self, key: Hashable, until: asyncio.Future[None] | None = None) -> None:
+        """``key`` holds a ``max_streams`` slot until ``until`` is done (the TCP
+        connection is gone, whatever happens) or :meth:`release_slot`."""
+        self._conns.add(key)
+        if until is not None:
+            until.add_done_callback(lambda _: self._conns.discard(key))
 
-    # -- one client ------------------------------------------------------------------
+    def release_slot(self, key: Hashable) -> None:
+        self._conns.discard(key)
 
-    async def _serve(self, conn: ServerConnection) -> None:
+    def stream_name(self, prefix: str) -> str:
+        """A free stream id for a client that named none: ``prefix-N``."""
+        names = self._names.setdefault(prefix, itertools.count(1))
+        runners = self.factory.runners if self.factory is not None else {}
+        while (name := f"{prefix}-{next(names)}") in runners:
+            pass
+        return name
+
+    def open_stream(
+        self,
+        stream: str,
+        *,
+        language: str | None = None,
+        task: str | None = None,
+        segmenter: Callable[[SegmenterSettings], SegmenterSettings] | None = None,
+        resume: ResumePlan | None = None,
+        targets: tuple[str, ...] | None = None,
+    ) -> StreamRunner:
+        """A new client stream (``resume``: continuing one); end it with
+        :meth:`stop_feeding`, then :meth:`finish_in_background` (which releases
+        its id once its finals are out)."""
+        assert self.factory is not None  # admit() refused clients until attach()
+        runner = self.factory.create(
+            stream,
+            language=language,
+            task=task,
+            origin="client",
+            segmenter=segmenter,
+            seq_floor=resume.seq_floor if resume is not None else 0,
+            start=resume.start if resume is not None else 0,
+            targets=targets,
+        )
+        self._feeding.add(runner)
+        self._fed_all.clear()
+        return runner
+
+    def audio_feed(self, runner: StreamRunner, rate: int) -> AudioFeed:
+        """The throttled, resampled way into ``runner`` for audio at ``rate`` Hz."""
+        return AudioFeed(
+            runner,
+            rate,
+            max_audio_rate=self.limits.max_audio_rate,
+            burst_s=self.limits.audio_burst_s,
+            pause=self.pause,
+            clock=self.clock,
+            observer=self.observer,
+        )
+
+    def subscribe(
+        self,
+        stream: str,
+        *,
+        partials: bool = True,
+        name: str,
+        targets: TargetSelection = SOURCE_ONLY,
+    ) -> Subscription:
+        """That stream's events for its client (closed at shutdown if its handler is stuck).
+
+        ``targets``: its translation targets too (None), for a client that
+        knows them apart; by default the source only (Realtime, Wyoming)."""
+        kinds = ALL_KINDS if partials else frozenset({"final"})
+        sub = self.fanout.subscribe({stream}, kinds, max_finals=self.server.queue_finals,
+                                    name=name, targets=targets)  # fmt: skip
+        self._subs.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        sub.close("connection closed")
+        self._subs.discard(sub)
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Around a client handler: :meth:`close` waits for it at shutdown."""
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
         try:
-            await self._serve_client(conn)
+            yield
         finally:
             self._handlers.discard(task)
+
+    async def wait_stopping(self) -> None:
+        await self._stopping.wait()
+
+    # -- one client ------------------------------------------------------------------
+
+    async def _serve(self, conn: ServerConnection) -> None:
+        with self.serving():
+            await self._serve_client(conn)
 
     async def _serve_client(self, conn: ServerConnection) -> None:
         factory = self.factory
@@ -254,8 +370,8 @@ class IngestService:
         sub: Subscription | None = None
         sender: asyncio.Task[None] | None = None
         code: int = CloseCode.NORMAL_CLOSURE
-        live = _Liveness(self.clock())
-        keepalive = self._own_keepalive(conn, live)
+        live = Liveness(self.clock())
+        keepalive = self.keepalive(conn, live)
         try:
             start = parse_start(await self._recv_text_first(conn, live), self.policy)
             if self.server.needs_auth_message(conn):
@@ -263,31 +379,30 @@ class IngestService:
                     self.server.rejected(ENDPOINT, "auth")
                     raise ProtocolError("authentication failed", CloseCode.POLICY_VIOLATION)
                 self.server.authenticated(conn)
-                refusal = self._refusal()
+                refusal = self.refusal()
                 if refusal is not None:
                     raise ProtocolError(refusal, CloseCode.TRY_AGAIN_LATER)
-                self._hold_slot(conn)
-            stream = start.stream or f"client-{next(self._names)}"
-            if stream in factory.runners:
-                raise ProtocolError(f"stream {stream!r} is in use", CloseCode.POLICY_VIOLATION)
-            runner = factory.create(
-                stream, language=start.language, task=start.task, origin="client"
-            )
-            self._feeding.add(runner)
-            self._fed_all.clear()
-            kinds = ALL_KINDS if start.partials else frozenset({"final"})
-            sub = self.fanout.subscribe(
-                {stream}, kinds, max_finals=self.server.queue_finals, name=f"ingest {stream}"
-            )
-            self._subs.add(sub)
-            await conn.send(json.dumps(start.ready(factory.client.sample_rate, stream)))
+                self.hold_slot(conn, conn.connection_lost_waiter)
+            stream = start.stream or self.stream_name("client")
+            plan = await self._plan(stream, start.resume)
+            runner = self.open_stream(stream, language=start.language, task=start.task,
+                                      resume=plan, targets=start.targets)  # fmt: skip
+            sub = self.subscribe(
+                stream, partials=start.partials, name=f"ingest {stream}", targets=None
+            )  # its targets too: they carry "target"
+            sr = factory.client.sample_rate
+            resumed = None if plan is None else Resume(runner.session.last_seq, plan.start / sr)
+            await conn.send(json.dumps(start.ready(sr, stream, resumed)))
+            for event in plan.replay if plan is not None else ():  # finals it missed, first
+                await conn.send(json.dumps(event.to_wire(), ensure_ascii=False))
             sender = asyncio.create_task(_forward(conn, sub), name=f"ingest-send-{stream}")
-            log.info("client stream %s started (%d Hz %s)", stream, start.sample_rate,
-                     start.encoding)  # fmt: skip
+            log.info("client stream %s %s (%d Hz %s)", stream, "started" if plan is None
+                     else "resumed", start.sample_rate, start.encoding)  # fmt: skip
             shutdown = await self._receive_audio(conn, runner, live, start.sample_rate,
-                                                 start.encoding, start.channels)  # fmt: skip
+                                                 start.encoding, start.channels,
+                                                 skip=plan.skip if plan else 0)  # fmt: skip
             # stop (or shutdown): finalise, deliver the last final, close.
-            self._stop_feeding(runner)
+            self.stop_feeding(runner)
             if not await runner.wait_done(self.limits.finalize_timeout_s):
                 log.warning("stream %s did not finalise in time", stream)
             sub.close("end of stream")
@@ -297,10 +412,10 @@ class IngestService:
                 await conn.close(code, "server shutting down")
             else:
                 await conn.close(CloseCode.NORMAL_CLOSURE, "end of stream")
-        except _ShuttingDown:  # before its stream started: nothing to finalise
+        except ShuttingDown:  # before its stream started: nothing to finalise
             code = CloseCode.GOING_AWAY
             await conn.close(code, "server shutting down")
-        except _Idle:
+        except IdleTimeout:
             code = CloseCode.POLICY_VIOLATION
             self.server.rejected(ENDPOINT, "idle")
             await close_with_error(
@@ -322,22 +437,21 @@ class IngestService:
             if sender is not None:
                 sender.cancel()
             if sub is not None:
-                sub.close("connection closed")
-                self._subs.discard(sub)
+                self.unsubscribe(sub)
             if runner is not None:
-                self._stop_feeding(runner)
-                self._finish_in_background(factory, runner)
+                self.stop_feeding(runner)
+                self.finish_in_background(runner)
             if self.observer is not None:
                 self.observer.client_stream_closed(int(code))
 
-    def _stop_feeding(self, runner: StreamRunner) -> None:
+    def stop_feeding(self, runner: StreamRunner) -> None:
         """The reader is done with ``runner``: end its stream (idempotent)."""
         runner.end()
         self._feeding.discard(runner)
         if not self._feeding:
             self._fed_all.set()
 
-    def _own_keepalive(self, conn: ServerConnection, live: _Liveness) -> asyncio.Task[None] | None:
+    def keepalive(self, conn: ServerConnection, live: Liveness) -> asyncio.Task[None] | None:
         """Replace the library's keepalive with one that knows about throttling."""
         if conn.keepalive_task is not None:
             conn.keepalive_task.cancel()
@@ -350,18 +464,35 @@ class IngestService:
             name=f"ingest-keepalive-{conn.id}",
         )
 
-    async def _recv_text_first(self, conn: ServerConnection, live: _Liveness) -> str:
-        message = await self._recv(conn, live)
+    async def _plan(self, stream: str, resume: Resume | None) -> ResumePlan | None:
+        """Refuse a stream id in use; plan a resumed stream (None: a new one)."""
+        factory = self.factory
+        assert factory is not None
+        finishing = self._finishing_by_stream.get(stream)
+        if resume is not None and finishing is not None:  # its earlier session here ends first
+            await asyncio.wait({finishing}, timeout=WAIT_S)
+        if stream in factory.runners:  # (a resuming client's old connection may linger)
+            code = CloseCode.POLICY_VIOLATION if resume is None else CloseCode.TRY_AGAIN_LATER
+            raise ProtocolError(f"stream {stream!r} is in use", code)
+        if resume is None:
+            return None
+        plan = plan_resume(resume, self.fanout.history, stream, factory.client.sample_rate)
+        log.info("resuming stream %s at %.3f s after seq %d (%d final(s) replayed)",
+                 stream, resume.offset, resume.seq, len(plan.replay))  # fmt: skip
+        return plan
+
+    async def _recv_text_first(self, conn: ServerConnection, live: Liveness) -> str:
+        message = await self.recv(conn, live)
         if isinstance(message, bytes):
             raise ProtocolError(
                 "expected a JSON start message before audio", CloseCode.UNSUPPORTED_DATA
             )
         return message
 
-    async def _recv(self, conn: ServerConnection, live: _Liveness) -> str | bytes:
-        """The next message; _Idle after ``idle_timeout_s``, _ShuttingDown at shutdown."""
+    async def recv(self, conn: ServerConnection, live: Liveness) -> str | bytes:
+        """The next message; IdleTimeout after ``idle_timeout_s``, ShuttingDown at shutdown."""
         if self._stopping.is_set():
-            raise _ShuttingDown
+            raise ShuttingDown
         recv = asyncio.ensure_future(conn.recv())
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
@@ -380,10 +511,10 @@ class IngestService:
             live.last_seen = self.clock()
             return message
         if self._stopping.is_set():
-            raise _ShuttingDown
-        raise _Idle
+            raise ShuttingDown
+        raise IdleTimeout
 
-    async def _pause(self, seconds: float) -> None:
+    async def pause(self, seconds: float) -> None:
         """Throttle: wait ``seconds`` unless shutdown begins meanwhile."""
         if self._stopping.is_set():
             return
@@ -394,22 +525,26 @@ class IngestService:
         self,
         conn: ServerConnection,
         runner: StreamRunner,
-        live: _Liveness,
+        live: Liveness,
         rate: int,
         encoding: str,
         channels: int,
+        *,
+        skip: int = 0,
     ) -> bool:
-        """Feed binary frames to the stream until ``stop`` (False) or shutdown (True)."""
+        """Feed binary frames to the stream until ``stop`` (False) or shutdown (True).
+
+        ``skip``: model-rate samples at the start already finalised here (a
+        resume): the first block starts that far before the stream's audio, and
+        the runner drops what overlaps."""
         decoder = PcmDecoder(encoding, channels)
-        resampler = StreamResampler(rate, runner.engine.sample_rate)
-        guard = RateGuard(self.limits.max_audio_rate, self.limits.audio_burst_s, self.clock())
-        piece = max(1, round(PIECE_S * rate))
-        position = 0
+        feed = self.audio_feed(runner, rate)
+        feed.position = -skip
         shutdown = False
         while True:
             try:
-                message = await self._recv(conn, live)
-            except _ShuttingDown:
+                message = await self.recv(conn, live)
+            except ShuttingDown:
                 shutdown = True
                 message = None
             if message is None or isinstance(message, str):
@@ -418,10 +553,7 @@ class IngestService:
                         raise ProtocolError("control message over max_frame_bytes",
                                             CloseCode.MESSAGE_TOO_BIG)  # fmt: skip
                     parse_control(message)  # "stop" is the only control message
-                tail = resampler.flush()
-                if len(tail):
-                    await runner.feed(AudioBlock(runner.stream, position, tail,
-                                                 resampler.to_rate, self.clock()))  # fmt: skip
+                await feed.flush()
                 return shutdown
             if len(message) > self.server.max_frame_bytes:
                 raise ProtocolError(
@@ -430,25 +562,13 @@ class IngestService:
                     CloseCode.MESSAGE_TOO_BIG,
                 )
             pcm = decoder.decode(message)
-            if self.observer is not None:
-                self.observer.audio_received(len(pcm) / rate)
             with live.held():
-                for i in range(0, len(pcm), piece):
-                    part = pcm[i : i + piece]
-                    wait = guard.admit(len(part) / rate, self.clock())
-                    if wait > 0:
-                        if self.observer is not None:
-                            self.observer.throttled(wait)
-                        await self._pause(wait)
-                    samples = resampler.process(part)
-                    if len(samples):
-                        block = AudioBlock(runner.stream, position, samples, resampler.to_rate,
-                                           self.clock())  # fmt: skip
-                        position += len(samples)
-                        await runner.feed(block)
+                await feed.feed(pcm)
 
-    def _finish_in_background(self, factory: StreamFactory, runner: StreamRunner) -> None:
+    def finish_in_background(self, runner: StreamRunner) -> None:
         """End the stream (idempotent) and release its id once its finals are out."""
+        factory = self.factory
+        assert factory is not None
         runner.end()
 
         async def finish() -> None:
@@ -460,12 +580,19 @@ class IngestService:
 
         task = asyncio.create_task(finish(), name=f"ingest-finish-{runner.stream}")
         self._finishing.add(task)
-        task.add_done_callback(self._finishing.discard)
+        self._finishing_by_stream[runner.stream] = task
+
+        def forget(done: asyncio.Task[None]) -> None:
+            self._finishing.discard(done)
+            if self._finishing_by_stream.get(runner.stream) is done:
+                del self._finishing_by_stream[runner.stream]
+
+        task.add_done_callback(forget)
 
 
 async def _keepalive(
     conn: ServerConnection,
-    live: _Liveness,
+    live: Liveness,
     interval: float,
     timeout: float | None,
     clock: Callable[[], float],

@@ -63,8 +63,9 @@ CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
 #: include the endpointing silence (0.5–3 s); past 10 s something is wrong.
 LATENCY_BUCKETS: Final = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0)
 
-Endpoint = Literal["captions", "stream", "metrics"]
-#: Values of the ``endpoint`` label: ``/v1/captions``, ``/v1/stream``, ``/metrics``.
+Endpoint = Literal["captions", "stream", "metrics", "realtime", "wyoming"]
+#: Values of the ``endpoint`` label: ``/v1/captions``, ``/v1/stream``, ``/metrics``,
+#: ``/v1/realtime`` (OpenAI Realtime) and the Wyoming server.
 ENDPOINTS: Final[frozenset[str]] = frozenset(get_args(Endpoint))
 
 RejectReason = Literal[
@@ -283,14 +284,14 @@ class Metrics:
         self._rejected = Counter(
             "streamer_rejected_connections",
             "Connections refused or closed for the client's fault, by endpoint "
-            "(captions, stream, metrics) and reason (auth, origin, limit, bad_request, "
-            "protocol, rate, idle, slow, shutdown).",
+            "(captions, stream, metrics, realtime, wyoming) and reason (auth, origin, limit, "
+            "bad_request, protocol, rate, idle, slow, shutdown).",
             ["endpoint", "reason"],
             registry=self.registry,
         )
         self._closed = Counter(
             "streamer_client_streams_closed",
-            "Client audio streams (/v1/stream) closed, by WebSocket close code.",
+            "Client audio streams (/v1/stream, /v1/realtime) closed, by WebSocket close code.",
             ["code"],
             registry=self.registry,
         )

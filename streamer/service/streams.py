@@ -6,6 +6,11 @@ its decode requests to the engine, hands results back, and publishes the
 session's events with their latency (wall time since the audio they cover
 arrived). It is the same for a microphone, a file and a WebSocket client.
 
+With translation targets (``TranslationTrack``), every source event also goes
+to the track; its translation requests go to the engine and its target events
+are published in the stream's ``seq`` sequence, with their latency measured
+from the arrival of the audio their source event covers.
+
 VAD runs in a small shared pool, half a second of audio per call, so a stream
 handed a long block cannot delay the others' blocks (see ``score_speech``).
 
@@ -23,7 +28,7 @@ import bisect
 import dataclasses
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
@@ -31,6 +36,7 @@ import numpy as np
 
 from streamer.audio.vad import FrameVad, score_speech
 from streamer.core.session import DecodeResult, SourceEventKind, StreamSession
+from streamer.core.translation import TranslateResult, TranslationTrack
 from streamer.types import AudioBlock, Hypothesis
 
 if TYPE_CHECKING:  # the engine (torch, transformers) loads only when a daemon starts one
@@ -45,6 +51,8 @@ MAX_GAP_S = 30
 #: microphones stay within a block of real time; fast files and clients
 #: sending as fast as they may run ahead.
 BULK_AHEAD_S = 3.0
+#: Source events whose arrival time is kept for their translations' latency.
+MAX_TRANSLATED_EVENTS = 256
 
 
 class StreamRunner:
@@ -55,8 +63,13 @@ class StreamRunner:
         publish: Publish,
         vad: FrameVad | None,
         clock: Callable[[], float] = time.monotonic,
+        translation: TranslationTrack | None = None,
     ) -> None:
         self.session = session
+        self.translation = translation
+        self._translating: set[asyncio.Future[TranslateResult]] = set()
+        # (segment, end) of published source events -> wall time their audio arrived
+        self._source_arrivals: OrderedDict[tuple[int, float], float] = OrderedDict()
         self.engine = engine
         self.publish = publish
         self.vad = vad
@@ -188,13 +201,61 @@ class StreamRunner:
                 fut.add_done_callback(self._on_result)
         now = self.clock()
         for event in self.session.events_received():
-            self.publish(dataclasses.replace(event, latency_ms=self._latency_ms(event, now)))
+            event = dataclasses.replace(event, latency_ms=self._latency_ms(event, now))
+            self.publish(event)
+            if self.translation is not None:
+                self._translate(event, now)
         self._forget_arrivals()
+        if self.translation is not None:
+            self._pump_translation()
         if self.session.behind and self._holding:  # (never once done: no final waits then)
             self._caught_up.clear()
         else:
             self._caught_up.set()
-        if self.session.done:
+        if self.session.done and (self.translation is None or self.translation.idle):
+            self._done.set()
+
+    def _translate(self, event: Hypothesis, now: float) -> None:
+        """Hand a published source event to the track, remembering when its audio arrived."""
+        assert self.translation is not None
+        if event.kind in ("partial", "final") and event.latency_ms is not None:
+            arrivals = self._source_arrivals
+            arrivals[(event.segment, event.end)] = now - event.latency_ms / 1000.0
+            while len(arrivals) > MAX_TRANSLATED_EVENTS:
+                arrivals.popitem(last=False)
+        self.translation.receive_source(event)
+
+    def _pump_translation(self) -> None:
+        """Send the track's requests to the engine; publish its target events."""
+        track = self.translation
+        assert track is not None
+        while requests := track.requests_to_send():
+            bulk = self.ahead_seconds > BULK_AHEAD_S
+            for req in requests:
+                if bulk:
+                    req = dataclasses.replace(req, bulk=True)
+                try:
+                    fut = self.engine.translate(req)
+                except RuntimeError as exc:  # engine stopped: the request fails
+                    log.error("stream %s: %s", self.stream, exc)
+                    track.receive_result(TranslateResult(req.request_id, error=str(exc)))
+                    continue
+                self._translating.add(fut)
+                fut.add_done_callback(self._on_translation)
+        now = self.clock()
+        for event in track.events_received():
+            arrival = self._source_arrivals.get((event.segment, event.end))
+            latency = None if arrival is None else max(0.0, (now - arrival) * 1000.0)
+            seq = self.session.next_seq()
+            self.publish(dataclasses.replace(event, seq=seq, latency_ms=latency))
+
+    def _on_translation(self, fut: asyncio.Future[TranslateResult]) -> None:
+        self._translating.discard(fut)
+        if fut.cancelled() or self.translation is None:
+            return
+        self.translation.receive_result(fut.result())
+        self._pump_translation()
+        if self.session.done and self.translation.idle:
             self._done.set()
 
     def _on_result(self, fut: asyncio.Future[DecodeResult]) -> None:

@@ -17,6 +17,14 @@ overrides it), so a page opened late, or reconnecting after an outage, shows
 each stream's recent finals; it drops the replayed ones it already shows
 (same ``seq``). ``?streams=`` and ``?kinds=`` pass through likewise.
 
+Languages: with translation targets the page offers a picker, "Source" (the
+speech model's text) or one of the daemon's targets, which it learns from
+``<meta name="streamer-targets" content="de,fr">`` in ``index.html``
+(filled in by :func:`add_page_routes`; empty: no picker). The choice
+subscribes with ``targets=<target>`` (README "Translation targets") and is
+kept in the page's URL (``?target=de``), so a reload or a shared link shows
+the same language.
+
 Every answer carries a strict Content-Security-Policy (same-origin scripts,
 styles and connections plus ``ws:``/``wss:``; no inline script, no framing),
 ``X-Content-Type-Options: nosniff`` and ``Cache-Control: no-cache`` (a
@@ -31,7 +39,9 @@ dropped by websockets' parser before it reaches us).
 
 from __future__ import annotations
 
+import html
 import importlib.resources
+from collections.abc import Iterable
 from http import HTTPStatus
 
 from websockets.asyncio.server import ServerConnection
@@ -39,7 +49,13 @@ from websockets.http11 import Request, Response
 
 from streamer.sinks.websocket import CaptionServer, HttpProcess, http_response
 
-__all__ = ["CONTENT_SECURITY_POLICY", "PAGE_FILES", "add_page_routes", "static_response"]
+__all__ = [
+    "CONTENT_SECURITY_POLICY",
+    "PAGE_FILES",
+    "TARGETS_META",
+    "add_page_routes",
+    "static_response",
+]
 
 #: URL path -> (file in streamer/data/web, Content-Type).
 PAGE_FILES: dict[str, tuple[str, str]] = {
@@ -48,6 +64,9 @@ PAGE_FILES: dict[str, tuple[str, str]] = {
     "/captions.css": ("captions.css", "text/css; charset=utf-8"),
     "/mic-worklet.js": ("mic-worklet.js", "text/javascript; charset=utf-8"),
 }
+
+#: The tag of ``index.html`` that tells the page the daemon's translation targets.
+TARGETS_META = b'<meta name="streamer-targets" content="">'
 
 CONTENT_SECURITY_POLICY = "; ".join(
     [
@@ -101,11 +120,24 @@ def _static(body: bytes, content_type: str) -> HttpProcess:
     return process
 
 
-def add_page_routes(server: CaptionServer) -> None:
-    """Register the caption page and its static files on ``server``.
+def with_targets(page: bytes, targets: Iterable[str]) -> bytes:
+    """``index.html`` telling the page the daemon's translation ``targets``."""
+    if TARGETS_META not in page:
+        raise ValueError("index.html lacks its streamer-targets meta tag")
+    listed = html.escape(",".join(targets), quote=True).encode()
+    return page.replace(TARGETS_META, TARGETS_META.replace(b'content=""', b'content="%s"' % listed))
+
+
+def add_page_routes(server: CaptionServer, targets: Iterable[str] = ()) -> None:
+    """Register the caption page and its static files on ``server``; the page
+    offers ``targets`` (the daemon's translation targets) besides the source.
 
     Raises OSError (FileNotFoundError) when the package was installed without
     its ``data/web`` files: better at startup than as a 500 later.
     """
+    targets = tuple(targets)
     for path, (name, content_type) in PAGE_FILES.items():
-        server.add_route(path, _static(read_page_file(name), content_type))
+        body = read_page_file(name)
+        if name == "index.html":
+            body = with_targets(body, targets)
+        server.add_route(path, _static(body, content_type))

@@ -8,9 +8,14 @@ Query parameters (each validated before the upgrade; a bad one answers 400):
 - ``streams=a,b``: only these streams (repeatable; all streams when absent);
 - ``kinds=partial,final,source_lost,source_restored``: only these event
   types (repeatable; all when absent);
+- ``targets=de,fr``: the events of these translation targets instead of the
+  source (the speech model's own events, the default); ``source`` names the
+  source, so ``targets=source,de`` takes both, and ``targets=*`` every
+  language (repeatable; :mod:`streamer.sinks.targets`). A target the daemon
+  does not produce is not an error, like an unknown stream: nothing comes.
 - ``history=N`` (0 to :data:`MAX_HISTORY`, default 0): first send the last
-  (up to) N finals of each selected stream that the server still keeps
-  (:mod:`streamer.sinks.history`), in publish order, each marked
+  (up to) N finals of each selected stream and language that the server
+  still keeps (:mod:`streamer.sinks.history`), in publish order, each marked
   ``"replay": true``; then the live events, continuing exactly where the
   replay ended. Only when ``kinds`` includes ``final``.
 """
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from streamer.sinks.fanout import EVENT_KINDS
+from streamer.sinks.targets import SOURCE_ONLY, TargetSelection, parse_targets
 
 __all__ = [
     "MAX_HISTORY",
@@ -38,15 +44,17 @@ _COUNT = re.compile(r"[0-9]{1,3}")
 
 @dataclass(frozen=True, slots=True)
 class CaptionQuery:
-    """A parsed ``/v1/captions`` query: ``streams`` None means every stream."""
+    """A parsed ``/v1/captions`` query: ``streams`` None means every stream,
+    ``targets`` None every language."""
 
     streams: frozenset[str] | None
     kinds: frozenset[str]
     history: int = 0
+    targets: TargetSelection = SOURCE_ONLY
 
 
 def parse_caption_query(query: str) -> CaptionQuery:
-    """Parse ``streams=a,b&kinds=partial,final&history=N``; raises ValueError with a reason."""
+    """Parse ``streams=a,b&kinds=partial,final&targets=de&history=N``; ValueError with a reason."""
     try:
         fields = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
     except ValueError as exc:
@@ -54,6 +62,7 @@ def parse_caption_query(query: str) -> CaptionQuery:
     streams: set[str] | None = None
     kinds: set[str] | None = None
     history: int | None = None
+    targets: TargetSelection = frozenset()  # empty: not given (the source); None: every language
     for key, value in fields:
         items = [item.strip() for item in value.split(",")]
         if any(not item for item in items):
@@ -75,10 +84,16 @@ def parse_caption_query(query: str) -> CaptionQuery:
             if not _COUNT.fullmatch(value) or int(value) > MAX_HISTORY:
                 raise ValueError(f"history must be a whole number from 0 to {MAX_HISTORY}")
             history = int(value)
+        elif key == "targets":
+            chosen = parse_targets(value)
+            targets = None if chosen is None or targets is None else targets | chosen
         else:
-            raise ValueError(f"unknown query parameter {key!r} (expected streams, kinds, history)")
+            raise ValueError(
+                f"unknown query parameter {key!r} (expected streams, kinds, targets, history)"
+            )
     return CaptionQuery(
         streams=None if streams is None else frozenset(streams),
         kinds=EVENT_KINDS if kinds is None else frozenset(kinds),
         history=history or 0,
+        targets=targets if targets is None or targets else SOURCE_ONLY,
     )

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from streamer.sinks.fanout import STATUS_KINDS, Subscription
+from streamer.sinks.targets import SOURCE_ONLY, TargetSelection
 from streamer.types import Hypothesis
 
 __all__ = ["ConsoleSink", "format_final", "format_time_range"]
@@ -137,6 +138,11 @@ class ConsoleSink:
         """The event kinds to subscribe with."""
         kinds = {"partial", "final"} if self.partials else {"final"}
         return frozenset(kinds) | STATUS_KINDS
+
+    @property
+    def targets(self) -> TargetSelection:
+        """The languages to subscribe with: the source (one caption line per stream)."""
+        return SOURCE_ONLY
 
     async def run(self, sub: Subscription) -> None:
         """Print events from ``sub`` until it closes; leaves the terminal clean."""

@@ -18,6 +18,11 @@ Queue policy per subscription (DESIGN.md section 5):
   stream S arrives, an undelivered partial of S for that segment or an earlier
   one is discarded (it is stale: the final supersedes it), so a subscriber
   never sees a partial after the final that followed it.
+- **Languages.** A subscription takes the source (the speech model's own
+  events) unless it asks for translation targets (``targets``, see
+  :mod:`streamer.sinks.targets`): consumers that know one language per
+  stream must never see a translation as if it were the source. Latest-wins
+  and "a final supersedes the partials" hold per (stream, target).
 
 History: the fanout keeps each stream's recent finals
 (:class:`~streamer.sinks.history.FinalHistory`). ``subscribe(history=N)``
@@ -43,6 +48,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from streamer.sinks.history import HISTORY_PER_STREAM, HISTORY_STREAMS, FinalHistory
+from streamer.sinks.targets import SOURCE_ONLY, TargetSelection, selects
 from streamer.types import Hypothesis
 
 __all__ = [
@@ -51,6 +57,7 @@ __all__ = [
     "SLOW_SUBSCRIBER",
     "STATUS_KINDS",
     "Fanout",
+    "PartialKey",
     "Subscription",
     "SubscriptionClosed",
 ]
@@ -62,6 +69,8 @@ ALL_KINDS: frozenset[str] = frozenset({"partial", "final"})
 STATUS_KINDS: frozenset[str] = frozenset({"source_lost", "source_restored"})
 EVENT_KINDS: frozenset[str] = ALL_KINDS | STATUS_KINDS
 SLOW_SUBSCRIBER = "slow subscriber: final queue full"
+#: What a newer partial replaces: the one of the same stream and language.
+PartialKey = tuple[str, str | None]
 
 
 class SubscriptionClosed(Exception):
@@ -98,16 +107,18 @@ class Subscription:
         kinds: frozenset[str],
         max_finals: int,
         name: str,
+        targets: TargetSelection = SOURCE_ONLY,
     ) -> None:
         self._fanout = fanout
         self.streams = streams
         self.kinds = kinds
+        self.targets = targets
         self.max_finals = max_finals
         self.name = name
         self._queue: deque[_Slot] = deque()
         self._replay: deque[Hypothesis] = deque()  # history, delivered before the queue
-        # Undelivered partial per stream that may still be replaced in place.
-        self._open_partial: dict[str, _Slot] = {}
+        # Undelivered partial per (stream, target) that may still be replaced in place.
+        self._open_partial: dict[PartialKey, _Slot] = {}
         self._n_finals = 0
         self._n_pending = 0  # live (not discarded) slots
         self._close_reason: str | None = None
@@ -148,7 +159,7 @@ class Subscription:
 
     def wants(self, event: Hypothesis) -> bool:
         """Whether this subscription's filters select ``event``."""
-        if event.kind not in self.kinds:
+        if event.kind not in self.kinds or not selects(self.targets, event):
             return False
         return self.streams is None or event.stream in self.streams
 
@@ -165,7 +176,7 @@ class Subscription:
         """Queue ``event`` under the subscription's policy; never blocks, never raises."""
         if self.closed or not self.wants(event):
             return
-        stream = event.stream
+        key = (event.stream, event.target)
         if event.kind != "partial":
             if self._n_finals >= self.max_finals:
                 log.warning(
@@ -177,9 +188,11 @@ class Subscription:
                     self._fanout.disconnected_slow += 1
                 self._close(SLOW_SUBSCRIBER, discard=True)
                 return
-            slot = self._open_partial.pop(stream, None)
-            if event.kind != "final":
-                slot = None  # a status event seals the open partial but supersedes nothing
+            slot = self._open_partial.pop(key, None)
+            if event.kind != "final":  # a status event seals the open partials of
+                slot = None  # its stream (every language) but supersedes nothing
+                for other in [k for k in self._open_partial if k[0] == event.stream]:
+                    del self._open_partial[other]
             # A pending partial of this segment or an earlier one is stale: the
             # final supersedes it. One of a later segment keeps its place but is
             # sealed (no longer replaceable), so later partials queue behind this final.
@@ -191,13 +204,13 @@ class Subscription:
             self._n_finals += 1
             self._n_pending += 1
         else:
-            slot = self._open_partial.get(stream)
+            slot = self._open_partial.get(key)
             if slot is not None and slot.event is not None:
                 slot.event = event  # latest wins, keeping the older one's place
                 self._count_dropped()
             else:
                 slot = _Slot(event)
-                self._open_partial[stream] = slot
+                self._open_partial[key] = slot
                 self._queue.append(slot)
                 self._n_pending += 1
         self.idle.clear()
@@ -227,8 +240,8 @@ class Subscription:
                 continue
             if event.kind == "final":
                 self._n_finals -= 1
-            elif self._open_partial.get(event.stream) is slot:
-                del self._open_partial[event.stream]
+            elif self._open_partial.get(key := (event.stream, event.target)) is slot:
+                del self._open_partial[key]
             self._n_pending -= 1
             self.delivered += 1
             return event
@@ -336,11 +349,14 @@ class Fanout:
         max_finals: int = 256,
         name: str = "",
         history: int = 0,
+        targets: Iterable[str] | None = SOURCE_ONLY,
     ) -> Subscription:
         """Open a subscription to ``streams`` (None: all) and ``kinds``.
 
+        ``targets``: the languages taken (:mod:`streamer.sinks.targets`):
+        by default the source only; None: the source and every target.
         ``history``: first deliver the last (up to) ``history`` kept finals of
-        each selected stream, when ``kinds`` includes finals. After
+        each selected stream and language, when ``kinds`` includes finals. After
         :meth:`close_all` the returned subscription is already closed (and
         gets no history).
         """
@@ -352,15 +368,20 @@ class Fanout:
             raise ValueError("max_finals must be at least 1")
         if history < 0:
             raise ValueError("history must be >= 0")
+        if isinstance(targets, str):
+            raise TypeError("targets must be a collection of names, not a string")
         stream_set = None if streams is None else frozenset(streams)
-        sub = Subscription(self, stream_set, kind_set, max_finals, name)
+        target_set = None if targets is None else frozenset(targets)
+        if target_set is not None and not target_set:
+            raise ValueError("targets must name at least one language (or be None: all)")
+        sub = Subscription(self, stream_set, kind_set, max_finals, name, target_set)
         if self._closed_reason is not None:
             sub.close(self._closed_reason)
         else:
             # Snapshot and registration in one synchronous step: no event
             # can be published in between (all on the loop thread).
             if history and "final" in kind_set:
-                sub._prime(self.history.snapshot(stream_set, history))
+                sub._prime(self.history.snapshot(stream_set, history, target_set))
             self._subs.append(sub)
         return sub
 

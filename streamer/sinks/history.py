@@ -15,6 +15,11 @@ What is kept:
   there is nothing to store and nothing to remove.
 - Partials and status events are not kept: a partial is superseded within a
   second, and the next one reaches a new subscriber anyway.
+- Per language: with translation targets, each (stream, target) keeps its
+  own ``per_stream`` finals (the source's are not crowded out by its
+  translations), and a snapshot takes only the selected languages
+  (:mod:`streamer.sinks.targets`). ``max_streams`` counts streams, whatever
+  their number of targets.
 
 :meth:`FinalHistory.snapshot` returns the kept finals of the selected streams
 in publish order (across streams too), each marked ``"replay": true`` in its
@@ -32,6 +37,7 @@ import itertools
 from collections import OrderedDict, deque
 from collections.abc import Collection
 
+from streamer.sinks.targets import SOURCE_ONLY, TargetSelection, language_of, selects
 from streamer.types import Hypothesis
 
 __all__ = ["HISTORY_PER_STREAM", "HISTORY_STREAMS", "REPLAY_FIELD", "FinalHistory"]
@@ -57,14 +63,14 @@ class FinalHistory:
             raise ValueError("per_stream and max_streams must be >= 0")
         self.per_stream = per_stream
         self.max_streams = max_streams
-        # stream -> (publish order, final), oldest first; the dict's order is
-        # least recently updated stream first.
-        self._streams: OrderedDict[str, deque[tuple[int, Hypothesis]]] = OrderedDict()
+        # stream -> language -> (publish order, final), oldest first; the dict's
+        # order is least recently updated stream first.
+        self._streams: OrderedDict[str, dict[str, deque[tuple[int, Hypothesis]]]] = OrderedDict()
         self._order = itertools.count()
 
     def __len__(self) -> int:
-        """Finals kept, all streams together."""
-        return sum(len(kept) for kept in self._streams.values())
+        """Finals kept, all streams and languages together."""
+        return sum(len(kept) for langs in self._streams.values() for kept in langs.values())
 
     @property
     def streams(self) -> int:
@@ -77,26 +83,36 @@ class FinalHistory:
             return
         if not self.per_stream or not self.max_streams:
             return
-        kept = self._streams.get(event.stream)
-        if kept is None:
-            kept = self._streams[event.stream] = deque(maxlen=self.per_stream)
+        langs = self._streams.get(event.stream)
+        if langs is None:
+            langs = self._streams[event.stream] = {}
         else:
             self._streams.move_to_end(event.stream)
+        kept = langs.setdefault(language_of(event), deque(maxlen=self.per_stream))
         kept.append((next(self._order), event))
         while len(self._streams) > self.max_streams:
             self._streams.popitem(last=False)
 
-    def snapshot(self, streams: Collection[str] | None, limit: int) -> list[Hypothesis]:
-        """The last ``limit`` finals of each of ``streams`` (None: all), in publish order.
+    def snapshot(
+        self,
+        streams: Collection[str] | None,
+        limit: int,
+        targets: TargetSelection = SOURCE_ONLY,
+    ) -> list[Hypothesis]:
+        """The last ``limit`` finals of each of ``streams`` (None: all) in each
+        language of ``targets`` (default: the source), in publish order.
 
         Each is a copy marked ``extra["replay"] = True``.
         """
         if limit <= 0:
             return []
         picked: list[tuple[int, Hypothesis]] = []
-        for name, kept in self._streams.items():
-            if streams is None or name in streams:
-                picked.extend(itertools.islice(kept, max(0, len(kept) - limit), None))
+        for name, langs in self._streams.items():
+            if streams is not None and name not in streams:
+                continue
+            for kept in langs.values():
+                if kept and selects(targets, kept[0][1]):
+                    picked.extend(itertools.islice(kept, max(0, len(kept) - limit), None))
         picked.sort(key=lambda item: item[0])
         return [
             dataclasses.replace(event, extra={**event.extra, REPLAY_FIELD: True})

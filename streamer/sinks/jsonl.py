@@ -1,7 +1,8 @@
 """JSON Lines output: captions for programs.
 
 JSONL: one event per line, the wire object of DESIGN.md section 4
-(``Hypothesis.to_wire()``), UTF-8 kept as is (``ensure_ascii=False``) so a
+(``Hypothesis.to_wire()``), translation targets' events included (their
+``target`` field tells them apart), UTF-8 kept as is (``ensure_ascii=False``) so a
 ``jq`` or ``grep`` user sees the words. ``-`` means stdout; a path is opened
 once in append mode, so a restarted daemon continues the same log.
 
@@ -21,6 +22,7 @@ import sys
 from typing import TextIO
 
 from streamer.sinks.fanout import STATUS_KINDS, Subscription, SubscriptionClosed
+from streamer.sinks.targets import TargetSelection
 from streamer.types import Hypothesis
 
 __all__ = ["JsonlSink", "format_event"]
@@ -58,6 +60,11 @@ class JsonlSink:
         """The event kinds to subscribe with."""
         kinds = {"partial", "final"} if self.partials else {"final"}
         return frozenset(kinds) | STATUS_KINDS
+
+    @property
+    def targets(self) -> TargetSelection:
+        """The languages to subscribe with: all (each event says its ``target``)."""
+        return None
 
     async def run(self, sub: Subscription) -> None:
         """Write events from ``sub`` until it closes; the file is closed at the end.

@@ -4,6 +4,8 @@ Topics (``prefix`` defaults to ``streamer``)::
 
     {prefix}/{stream}/partial   QoS partial_qos (0), not retained, MQTT 5 message expiry
     {prefix}/{stream}/final     QoS final_qos (1), not retained
+    {prefix}/{stream}/{target}/partial|final
+                                the same, for each translation target's events
     {prefix}/status             retained "online" after each connect; "offline" as the
                                 last will (unclean loss) and before a clean disconnect;
                                 on MQTT 5 each carries the user property ("run", run id)
@@ -12,16 +14,19 @@ Topics (``prefix`` defaults to ``streamer``)::
     hermes/asr/partialTextCaptured, hermes/asr/textCaptured   (optional Hermes mode)
 
 The payload is the WebSocket event, ``json.dumps(event.to_wire())`` (DESIGN.md
-section 4); ``seq`` lets subscribers drop QoS 1 duplicates.
+section 4); ``seq`` lets subscribers drop QoS 1 duplicates. Which messages an
+event makes: :mod:`streamer.sinks.mqtt_messages`; the settings and the
+operator's error lines: :mod:`streamer.sinks.mqtt_settings`.
 
 Design: :meth:`MqttSink.run` takes events from its fanout subscription at once
 (it never leaves finals there, so the fanout never disconnects it as slow) and
 hands them to a connection task that owns the broker. The event loop never
 waits for the broker; aiomqtt runs the blocking connect in a thread.
 
-- While disconnected, partials are dropped (counted); finals wait in a bounded
-  outbox (full: the oldest is dropped, counted, and warned about once per
-  outage) and are published in order after reconnecting.
+- While disconnected, partials are dropped (counted); finals (of every
+  language) wait in a bounded outbox (full: the oldest is dropped, counted,
+  and warned about once per outage) and are published in order after
+  reconnecting.
 - A final leaves the outbox only once its publish completed (PUBACK at QoS 1);
   if the connection drops first it is sent again: duplicates are possible,
   always with the same ``seq``, loss is not.
@@ -41,32 +46,42 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
-import os
 import random
-import re
-import socket
 import ssl
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from streamer.errors import ConfigError
-from streamer.sinks.fanout import ALL_KINDS, Subscription, SubscriptionClosed
+from streamer.sinks.fanout import ALL_KINDS, PartialKey, Subscription, SubscriptionClosed
+from streamer.sinks.mqtt_messages import (
+    HERMES_FINAL_TOPIC,
+    HERMES_PARTIAL_TOPIC,
+    hermes_payload,
+    messages_for,
+)
+from streamer.sinks.mqtt_settings import (
+    PROTOCOLS,
+    UNSUPPORTED_PROTOCOL,
+    MqttSettings,
+    describe_error,
+    needs_operator,
+    refusal_code,
+    resolve_password,
+)
+from streamer.sinks.targets import TargetSelection
 from streamer.types import Hypothesis
 
 __all__ = [
     "HERMES_FINAL_TOPIC",
     "HERMES_PARTIAL_TOPIC",
+    "PROTOCOLS",
     "STATUS_OFFLINE",
     "STATUS_ONLINE",
     "MqttSettings",
@@ -80,35 +95,12 @@ log = logging.getLogger(__name__)
 
 STATUS_ONLINE = "online"
 STATUS_OFFLINE = "offline"
-HERMES_PARTIAL_TOPIC = "hermes/asr/partialTextCaptured"
-HERMES_FINAL_TOPIC = "hermes/asr/textCaptured"
-PROTOCOLS = ("auto", "5", "3.1.1")
 
 # A connection that lasted less than this does not reset the backoff, so a
 # broker that accepts and drops us at once is not hammered.
 _STABLE_S = 10.0
 # Bound on the goodbye (offline status + DISCONNECT) once flushing is over.
 _GOODBYE_TIMEOUT_S = 2.0
-_TOPIC_UNSAFE = re.compile(r"[+#/\x00]")
-
-# CONNACK reason codes (MQTT 5 values; paho maps 3.1.1 return codes onto them).
-_REFUSALS: dict[int, str] = {
-    132: "unsupported protocol version",
-    133: "client id rejected",
-    134: "bad username or password",
-    135: "not authorized (check username, password and the broker's ACL)",
-    136: "server unavailable",
-    137: "server busy",
-    138: "banned",
-    140: "bad authentication method",
-    159: "connection rate exceeded",
-}
-_UNSUPPORTED_PROTOCOL = 132
-_SESSION_TAKEN_OVER = 142
-
-
-def _default_client_id() -> str:
-    return f"streamer-{socket.gethostname()}"
 
 
 class _DemoteToDebug(logging.Filter):
@@ -124,228 +116,12 @@ _paho_log = logging.getLogger(f"{__name__}.paho")
 _paho_log.addFilter(_DemoteToDebug())
 
 
-@dataclass(frozen=True)
-class MqttSettings:
-    """Broker, credentials, topics and delivery policy of the MQTT sink.
-
-    ``password`` is the resolved secret (see :func:`resolve_password`); it is
-    left out of ``repr`` so it never reaches a log. Invalid values raise
-    :class:`~streamer.errors.ConfigError` naming the ``mqtt.*`` key.
-    """
-
-    host: str = "localhost"
-    port: int = 1883
-    client_id: str = field(default_factory=_default_client_id)
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    tls: bool = False
-    tls_ca: str = ""  # "" with tls: the system CA store
-    tls_cert: str = ""  # client certificate (PEM); may hold the key too
-    tls_key: str = ""
-    protocol: str = "auto"  # "auto" | "5" | "3.1.1"
-    prefix: str = "streamer"
-    partials: bool = True
-    partial_qos: int = 0
-    final_qos: int = 1
-    partial_expiry_s: int = 5  # MQTT 5 message expiry of partials; 0 = none
-    keepalive_s: int = 30
-    timeout_s: float = 10.0  # CONNACK / PUBACK wait
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 30.0
-    outbox_size: int = 1000
-    flush_timeout_s: float = 5.0
-    hermes: bool = False
-    hermes_site_id: str = ""  # "" = the stream name
-
-    def __post_init__(self) -> None:
-        def bad(key: str, message: str) -> ConfigError:
-            return ConfigError(message, key=f"mqtt.{key}")
-
-        if not self.host:
-            raise bad("host", "must not be empty")
-        if not 1 <= self.port <= 65535:
-            raise bad("port", f"must be 1..65535, got {self.port}")
-        if not self.client_id or len(self.client_id.encode()) > 65535:
-            raise bad("client_id", "must be a non-empty string")
-        if self.password is not None and not self.username:
-            raise bad("password", "a password needs a username (MQTT sends none without one)")
-        if self.protocol not in PROTOCOLS:
-            raise bad("protocol", f"must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
-        if not self.tls and (self.tls_ca or self.tls_cert or self.tls_key):
-            raise bad("tls", "tls_ca/tls_cert/tls_key are set but tls = false")
-        if self.tls_key and not self.tls_cert:
-            raise bad("tls_key", "needs tls_cert")
-        prefix = self.prefix
-        if not prefix or prefix.startswith("/") or prefix.endswith("/"):
-            raise bad("prefix", f"must be non-empty without leading/trailing '/', got {prefix!r}")
-        if "+" in prefix or "#" in prefix or "\x00" in prefix:
-            raise bad("prefix", "must not contain the wildcards '+' or '#'")
-        for key in ("partial_qos", "final_qos"):
-            if getattr(self, key) not in (0, 1, 2):
-                raise bad(key, f"must be 0, 1 or 2, got {getattr(self, key)!r}")
-        if self.partial_expiry_s < 0:
-            raise bad("partial_expiry_s", "must be >= 0")
-        if self.keepalive_s < 5:
-            raise bad("keepalive_s", "must be at least 5")
-        if self.timeout_s <= 0:
-            raise bad("timeout_s", "must be > 0")
-        if self.reconnect_min_s <= 0:
-            raise bad("reconnect_min_s", "must be > 0")
-        if self.reconnect_max_s < self.reconnect_min_s:
-            raise bad("reconnect_max_s", "must be >= reconnect_min_s")
-        if self.outbox_size < 1:
-            raise bad("outbox_size", "must be at least 1")
-        if self.flush_timeout_s < 0:
-            raise bad("flush_timeout_s", "must be >= 0")
-
-    @property
-    def endpoint(self) -> str:
-        """``mqtt[s]://host:port`` for log lines (no credentials)."""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-    @property
-    def status_topic(self) -> str:
-        return f"{self.prefix}/status"
-
-    @property
-    def run_topic(self) -> str:
-        """Retained run id of the daemon (next to the status)."""
-        return f"{self.prefix}/status/run"
-
-    def topic(self, stream: str, kind: str) -> str:
-        """``{prefix}/{stream}/{kind}``; ``/ + #`` in a stream name become ``_``."""
-        return f"{self.prefix}/{_TOPIC_UNSAFE.sub('_', stream) or '_'}/{kind}"
-
-
-def resolve_password(
-    password: str, password_file: str, credential: str = "mqtt-password"
-) -> str | None:
-    """The broker password: explicit, else ``password_file``, else a systemd credential.
-
-    The credential is ``$CREDENTIALS_DIRECTORY/<credential>`` (``LoadCredential=``),
-    used only when that file exists. One trailing newline is stripped from a
-    file. Returns None when no source gives a password.
-    """
-    if password:
-        return password
-    if password_file:
-        return _read_secret(Path(password_file), "mqtt.password_file")
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if creds:
-        path = Path(creds) / credential
-        if path.exists():  # empty: the unit's SetCredential= fallback, i.e. none given
-            return _read_secret(path, f"$CREDENTIALS_DIRECTORY/{credential}") or None
-    return None
-
-
-def _read_secret(path: Path, key: str) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(f"cannot read password file: {reason}", file=str(path), key=key) from None
-    if text.endswith("\r\n"):
-        return text[:-2]
-    return text.removesuffix("\n")
-
-
-def hermes_payload(event: Hypothesis, site_id: str = "") -> dict[str, Any]:
-    """Rhasspy/Snips Hermes ``AsrTextCaptured`` JSON for ``event``.
-
-    Fields as rhasspy-hermes writes them: ``text``, ``likelihood`` (1.0: the
-    model gives no utterance confidence), ``seconds`` (processing time, from
-    ``latency_ms``), ``siteId`` (``site_id`` or the stream name), ``sessionId``
-    (null: no dialogue session), ``wakewordId`` (null), ``asrTokens`` (one
-    list of whitespace tokens with character ranges) and ``lang``.
-    """
-    text = event.text.strip()
-    tokens = [
-        {
-            "value": m.group(),
-            "confidence": 1.0,
-            "rangeStart": m.start(),
-            "rangeEnd": m.end(),
-            "time": None,
-        }
-        for m in re.finditer(r"\S+", text)
-    ]
-    seconds = 0.0 if event.latency_ms is None else round(event.latency_ms / 1000.0, 3)
-    return {
-        "text": text,
-        "likelihood": 1.0,
-        "seconds": seconds,
-        "siteId": site_id or event.stream,
-        "sessionId": None,
-        "wakewordId": None,
-        "asrTokens": [tokens],
-        "lang": event.lang,
-    }
-
-
-def _innermost(exc: BaseException) -> BaseException:
-    seen = {id(exc)}
-    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
-        exc = exc.__cause__
-        seen.add(id(exc))
-    return exc
-
-
-def _refusal_code(exc: BaseException) -> int | None:
-    """The CONNACK reason code of a refused connection, else None."""
-    if not isinstance(exc, MqttConnectError):
-        return None
-    rc = exc.rc
-    if isinstance(rc, ReasonCode):
-        return int(rc.value)
-    if isinstance(rc, int):  # MQTT 3.1.1 return codes
-        return {1: 132, 2: 133, 3: 136, 4: 134, 5: 135}.get(rc, 128)
-    return None
-
-
-def describe_error(
-    exc: BaseException, settings: MqttSettings | None = None, *, connecting: bool = True
-) -> str:
-    """One human line for a failed connect (or, ``connecting=False``, an ended session).
-
-    No traceback, no secrets: the texts come from the socket, TLS and CONNACK layers.
-    """
-    code = _refusal_code(exc)
-    if code is not None:
-        why = _REFUSALS.get(code) or str(getattr(exc, "rc", "")) or "error"
-        return f"broker refused the connection: {why} (code {code})"
-    if isinstance(exc, ConfigError):
-        return str(exc)
-    inner = _innermost(exc)
-    text = str(inner) or type(inner).__name__
-    host = settings.host if settings else "the broker"
-    if "CERTIFICATE_VERIFY_FAILED" in text:
-        why = text.split("certificate verify failed:", 1)[-1].split("(_ssl.c", 1)[0].strip()
-        return f"TLS certificate verification failed: {why or text}"
-    if "[SSL" in text or isinstance(inner, ssl.SSLError):
-        return f"TLS error: {text}"
-    if "Errno 111" in text or "Connection refused" in text:
-        return "connection refused (is the broker running and listening on this port?)"
-    if "Errno -" in text or "Name or service not known" in text or "name resolution" in text:
-        return f"DNS lookup of {host!r} failed: {text.split('] ', 1)[-1]}"
-    if "timed out" in text.lower():
-        hint = " (wrong port, or a TLS port without tls = true?)" if connecting else ""
-        return f"no answer from the broker: {text}{hint}"
-    if isinstance(inner, aiomqtt.MqttCodeError):  # the session ended
-        rc = inner.rc
-        value = int(rc.value) if isinstance(rc, ReasonCode) else rc
-        if value == _SESSION_TAKEN_OVER:
-            return "session taken over: another client connected with the same client_id"
-        if value in (4, 7, 128, None):  # paho: no connection / connection lost / unspecified
-            return "connection lost"
-        return f"disconnected by the broker: {rc}"
-    return text
-
-
 class MqttSink:
     """Publishes caption events to an MQTT broker (see the module docstring).
 
     Wiring: ``sink = MqttSink(settings)``, then
-    ``task = create_task(sink.run(fanout.subscribe(kinds=sink.kinds, name="mqtt")))``.
+    ``task = create_task(sink.run(fanout.subscribe(kinds=sink.kinds, targets=sink.targets,
+    name="mqtt")))`` (the source and every translation target).
     Closing the subscription ends ``run`` after the outbox flush (at most
     ``flush_timeout_s`` plus a short goodbye). The state attributes below are
     for ``/metrics`` and ``/readyz``.
@@ -365,7 +141,8 @@ class MqttSink:
             self._tls_context()  # fail fast (ConfigError) on unreadable CA/cert/key files
         self._outbox: deque[Hypothesis] = deque()
         self._inflight: Hypothesis | None = None  # final being published, not yet acked
-        self._partials: dict[str, Hypothesis] = {}  # newest unpublished partial per stream
+        # newest unpublished partial per (stream, target)
+        self._partials: dict[PartialKey, Hypothesis] = {}
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._overflow_warned = False
@@ -392,6 +169,11 @@ class MqttSink:
     def kinds(self) -> frozenset[str]:
         """The event kinds to subscribe with."""
         return ALL_KINDS if self.settings.partials else frozenset({"final"})
+
+    @property
+    def targets(self) -> TargetSelection:
+        """The languages to subscribe with: all (targets have their own topics)."""
+        return None
 
     @property
     def outbox_len(self) -> int:
@@ -452,10 +234,11 @@ class MqttSink:
 
     def _accept(self, event: Hypothesis) -> None:
         """Queue one event; never waits."""
+        key = (event.stream, event.target)
         if event.kind == "final":
-            stale = self._partials.get(event.stream)
+            stale = self._partials.get(key)
             if stale is not None and stale.segment <= event.segment:
-                del self._partials[event.stream]
+                del self._partials[key]
                 self.dropped_partials += 1
             self._outbox.append(event)
             self._trim_outbox()
@@ -465,9 +248,9 @@ class MqttSink:
             if not self.connected:
                 self.dropped_partials += 1
                 return
-            if self._partials.pop(event.stream, None) is not None:
+            if self._partials.pop(key, None) is not None:
                 self.dropped_partials += 1  # superseded before it was sent
-            self._partials[event.stream] = event
+            self._partials[key] = event
         self._wake.set()
 
     def _trim_outbox(self) -> None:
@@ -582,7 +365,7 @@ class MqttSink:
             self.state = "disconnected"
             failures += 1
             delay = self._backoff(failures)
-            level = logging.ERROR if _needs_operator(error) else logging.WARNING
+            level = logging.ERROR if needs_operator(error) else logging.WARNING
             if lost:
                 log.log(
                     level,
@@ -626,7 +409,7 @@ class MqttSink:
             if not (
                 s.protocol == "auto"
                 and not self._use_v311
-                and _refusal_code(exc) == _UNSUPPORTED_PROTOCOL
+                and refusal_code(exc) == UNSUPPORTED_PROTOCOL
             ):
                 raise
             self._use_v311 = True
@@ -739,8 +522,7 @@ class MqttSink:
                     self._overflow_warned = False
                 continue
             if self._partials:
-                stream = next(iter(self._partials))
-                event = self._partials.pop(stream)
+                event = self._partials.pop(next(iter(self._partials)))
                 try:
                     await self._publish_event(client, event)
                 except (ValueError, TypeError) as exc:
@@ -759,22 +541,14 @@ class MqttSink:
 
     async def _publish_event(self, client: aiomqtt.Client, event: Hypothesis) -> None:
         s = self.settings
-        payload = json.dumps(event.to_wire(), ensure_ascii=False)
-        properties: Properties | None = None
-        if event.kind == "final":
-            qos = s.final_qos
-        else:
-            qos = s.partial_qos
-            if not self._use_v311 and s.partial_expiry_s > 0:
-                properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                properties.MessageExpiryInterval = s.partial_expiry_s
-        await client.publish(
-            s.topic(event.stream, event.kind), payload, qos=qos, properties=properties
-        )
-        if s.hermes and event.text:  # an empty final (retracted partials) is no utterance
-            topic = HERMES_FINAL_TOPIC if event.kind == "final" else HERMES_PARTIAL_TOPIC
-            body = json.dumps(hermes_payload(event, s.hermes_site_id), ensure_ascii=False)
-            await client.publish(topic, body, qos=qos, properties=properties)
+        expiry: Properties | None = None
+        if not self._use_v311 and s.partial_expiry_s > 0:
+            expiry = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            expiry.MessageExpiryInterval = s.partial_expiry_s
+        for message in messages_for(s, event):
+            properties = expiry if message.expires else None
+            await client.publish(message.topic, message.payload, qos=message.qos,
+                                 properties=properties)  # fmt: skip
 
 
 class _SessionEnded(Exception):
@@ -844,8 +618,3 @@ def _disconnect_cause(client: aiomqtt.Client) -> BaseException | None:
     if isinstance(fut, asyncio.Future) and fut.done() and not fut.cancelled():
         return fut.exception()
     return None
-
-
-def _needs_operator(error: str) -> bool:
-    """Failures that waiting will not fix (credentials, certificates)."""
-    return error.startswith(("broker refused", "TLS")) or "cannot load TLS" in error

@@ -30,8 +30,9 @@ route. WebSocket handlers of token-protected routes use two methods:
   per-endpoint slots (``max_streams``) only from here on, or before the
   upgrade when ``needs_auth_message`` is False.
 
-Caption subscriptions: ``streams``, ``kinds`` and ``history`` (the recent
-finals first; :mod:`streamer.sinks.captions`). A malformed query, an unknown
+Caption subscriptions: ``streams``, ``kinds``, ``targets`` (the source by
+default, or translation targets) and ``history`` (the recent finals first;
+:mod:`streamer.sinks.captions`). A malformed query, an unknown
 parameter or kind, a bad count answers HTTP 400 before the upgrade; more than
 ``max_subscribers`` authenticated caption connections answer 503 (or, when
 the slots filled while the client authenticated, close 1013).
@@ -488,6 +489,7 @@ class CaptionServer:
             max_finals=self.queue_finals,
             name=f"ws {_peer(conn)}",
             history=query.history,
+            targets=query.targets,
         )
         if self._closing:
             sub.close(self._close_reason)

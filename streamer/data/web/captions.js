@@ -36,6 +36,8 @@
     mic: $("mic"),
     micStream: $("mic-stream"),
     micStatus: $("mic-status"),
+    language: $("language"),
+    languagePicker: $("language-picker"),
   };
   const pageQuery = new URLSearchParams(location.search);
 
@@ -212,6 +214,7 @@
   function handleEvent(ev) {
     if (!ev || typeof ev !== "object" || typeof ev.stream !== "string") return;
     if (ev.type !== "partial" && ev.type !== "final") return;
+    if ((ev.target || "") !== language.chosen) return; // another language (the mic gets all)
     const s = panel(ev.stream);
     if (!isNew(s, ev)) return;
     if (ev.type === "partial") showPartial(s, ev);
@@ -248,6 +251,7 @@
     const asked = pageQuery.has("history") ? Number(pageQuery.get("history")) : HISTORY;
     const history = Number.isInteger(asked) && asked >= 0 ? Math.min(asked, MAX_HISTORY) : HISTORY;
     query.set("history", String(history));
+    if (language.chosen) query.set("targets", language.chosen); // else the source
     if (!sub.attempt) setStatus("connecting", "connecting…");
     let ws;
     try {
@@ -317,12 +321,32 @@
     connect();
   }
 
-  // -- the microphone: AudioWorklet -> /v1/stream -------------------------------------------
+  // -- the microphone: AudioWorklet -> /v1/stream, resumed after a broken connection ----
+  //
+  // The page keeps the microphone's audio from the end of the last final it
+  // received. When the socket breaks once the stream runs (the daemon died, a
+  // network blip, a load balancer moved it), it reconnects with capped backoff,
+  // sends start with resume {seq: last seq received, offset: end of that final}
+  // and sends the kept audio again from there, so the captions go on with no
+  // gap and no repeat (README "Resuming a stream"). Capture goes on meanwhile.
+
+  const MIC_KEEP_SAMPLES = 120 * TARGET_RATE; // audio kept for a resume at most
+  const MIC_RESUME_FOR_MS = 300000; // give up resuming after this long without success
+  // Close codes after which the stream is resumed: going away, connection lost,
+  // server error, restart, try again later, bad gateway. Others end the stream.
+  const RESUME_CODES = new Set([1001, 1006, 1011, 1012, 1013, 1014]);
 
   const mic = {
-    state: "idle", // idle | starting | on | stopping
+    state: "idle", // idle | starting | on | reconnecting | stopping
     ws: null, ctx: null, media: null, source: null, node: null,
-    ready: false, stopSent: false, error: "", stopTimer: 0,
+    ready: false, stopSent: false, flushed: false, error: "", errorCode: 0, stopTimer: 0,
+    stream: "", started: false, lastSeq: null, finalEnd: 0,
+    log: [], // [{start, samples: Int16Array}] from the end of the last final on
+    total: 0, // samples captured so far (the stream's clock)
+    keepFrom: 0, // samples before this have their final
+    sent: 0, // the current connection has sent up to here
+    from: 0, // where the current connection started sending
+    attempt: 0, lostAt: 0, retryTimer: 0,
   };
 
   function randomStreamId() {
@@ -334,7 +358,8 @@
   function setMic(state, text, error = false) {
     mic.state = state;
     ui.mic.dataset.state = state;
-    ui.mic.textContent = state === "on" || state === "stopping" ? "Stop" : "Use my microphone";
+    const running = state === "on" || state === "stopping" || state === "reconnecting";
+    ui.mic.textContent = running ? "Stop" : "Use my microphone";
     ui.mic.disabled = state === "starting" || state === "stopping";
     ui.micStream.disabled = state !== "idle";
     ui.micStatus.dataset.state = error ? "error" : state;
@@ -354,12 +379,16 @@
 
   function finishMic(text, error) {
     clearTimeout(mic.stopTimer);
+    clearTimeout(mic.retryTimer);
     releaseAudio();
     const ws = mic.ws;
     mic.ws = null;
     if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000, "client done");
-    mic.ready = mic.stopSent = false;
-    mic.error = "";
+    Object.assign(mic, {
+      ready: false, stopSent: false, flushed: false, error: "", errorCode: 0, started: false,
+      lastSeq: null, finalEnd: 0, log: [], total: 0, keepFrom: 0, sent: 0, from: 0,
+      attempt: 0, lostAt: 0,
+    });
     setMic("idle", text, error);
   }
 
@@ -410,39 +439,90 @@
       return;
     }
     mic.node.port.onmessage = onWorkletMessage;
-    openStreamSocket(stream);
+    mic.stream = stream;
+    openStreamSocket();
   }
 
-  function openStreamSocket(stream) {
-    setMic("starting", `opening stream ${stream}…`);
+  /** Drop kept audio that has its final and was sent (the resume point never moves back). */
+  function trimLog() {
+    const upTo = Math.min(mic.keepFrom, mic.sent);
+    while (mic.log.length && mic.log[0].start + mic.log[0].samples.length <= upTo) mic.log.shift();
+  }
+
+  function logStart() {
+    return mic.log.length ? mic.log[0].start : mic.total;
+  }
+
+  /** Send the kept audio from mic.sent on (after ready, and as the worklet delivers). */
+  function sendPending() {
+    const ws = mic.ws;
+    if (!ws || !mic.ready || ws.readyState !== WebSocket.OPEN) return;
+    for (const chunk of mic.log) {
+      const end = chunk.start + chunk.samples.length;
+      if (end <= mic.sent) continue;
+      const part = chunk.samples.subarray(Math.max(0, mic.sent - chunk.start));
+      ws.send(part.slice().buffer); // little-endian Int16 (the worklet's bytes)
+      mic.sent = end;
+    }
+    trimLog();
+    if (mic.flushed && !mic.stopSent && mic.sent === mic.total) {
+      mic.stopSent = true;
+      ws.send(JSON.stringify({ type: "stop" }));
+    }
+  }
+
+  function openStreamSocket() {
+    const resuming = mic.started;
+    if (!resuming) setMic("starting", `opening stream ${mic.stream}…`);
     const ws = new WebSocket(endpoint("v1/stream"));
     ws.binaryType = "arraybuffer";
     mic.ws = ws;
+    mic.ready = false;
+    mic.stopSent = false;
+    mic.error = "";
+    mic.errorCode = 0;
     ws.onopen = () => {
+      if (mic.ws !== ws) return;
       const start = {
-        type: "start", stream, sample_rate: TARGET_RATE, encoding: "pcm_s16le", channels: 1,
+        type: "start", stream: mic.stream, sample_rate: TARGET_RATE, encoding: "pcm_s16le",
+        channels: 1,
       };
       const token = currentToken();
       if (token) start.token = token;
+      mic.from = Math.max(mic.keepFrom, logStart());
+      mic.sent = mic.from; // before any event of this connection trims the log
+      if (resuming) {
+        const exact = mic.from === Math.round(mic.finalEnd * TARGET_RATE);
+        const offset = exact ? mic.finalEnd : mic.from / TARGET_RATE;
+        start.resume = { seq: mic.lastSeq === null ? 0 : mic.lastSeq, offset };
+      }
       ws.send(JSON.stringify(start));
     };
     ws.onmessage = (msg) => {
       if (mic.ws !== ws || typeof msg.data !== "string") return;
       const m = parseMessage(msg.data);
       if (!m) return;
-      if (m.type === "ready") onReady(m);
+      if (m.type === "ready") onReady(m, resuming);
       else if (m.type === "error") {
         mic.error = `${m.message || "error"} (${m.code})`;
+        mic.errorCode = m.code;
         ui.micStatus.dataset.state = "error";
         ui.micStatus.textContent = mic.error;
-      } else handleEvent(m); // this stream's captions (duplicates of the subscription's are dropped)
+      } else onMicEvent(m);
     };
     ws.onclose = (close) => {
       if (mic.ws !== ws) return;
-      if (mic.error) finishMic(`stopped: ${mic.error}`, true);
-      else if (mic.stopSent && close.code === 1000) finishMic(`stream ${stream} finished`, false);
-      else {
-        const why = mic.ready || close.code !== 1006
+      mic.ws = null;
+      mic.ready = false;
+      const code = mic.errorCode || close.code;
+      if (mic.stopSent && close.code === 1000) {
+        finishMic(`stream ${mic.stream} finished`, false);
+      } else if (mic.started && RESUME_CODES.has(code)) {
+        resumeLater(mic.error || describeClose(close, true));
+      } else if (mic.error) {
+        finishMic(`stopped: ${mic.error}`, true);
+      } else {
+        const why = mic.started || close.code !== 1006
           ? describeClose(close, true)
           : "the server refused the audio stream";
         finishMic(`audio stream closed: ${why}`, true);
@@ -450,39 +530,119 @@
     };
   }
 
-  function onReady(m) {
+  function resumeLater(why) {
+    const now = performance.now();
+    if (!mic.lostAt) mic.lostAt = now;
+    if (now - mic.lostAt > MIC_RESUME_FOR_MS) {
+      finishMic(`audio stream lost: ${why}; gave up resuming`, true);
+      return;
+    }
+    const cap = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** Math.min(mic.attempt, 16));
+    const delay = cap / 2 + (Math.random() * cap) / 2; // "equal jitter"
+    mic.attempt += 1;
+    if (mic.state !== "stopping") {
+      setMic("reconnecting", `${why}; resuming stream ${mic.stream} in ${Math.ceil(delay / 1000)} s`);
+    }
+    mic.retryTimer = setTimeout(openStreamSocket, delay);
+  }
+
+  function onReady(m, resuming) {
     mic.ready = true;
-    mic.source.connect(mic.node);
-    mic.node.connect(mic.ctx.destination);
-    mic.ctx.resume().catch(() => {});
-    const rate = mic.ctx.sampleRate;
-    setMic("on", `streaming as ${m.stream} (${rate} Hz → ${TARGET_RATE} Hz)`);
+    mic.attempt = 0;
+    mic.lostAt = 0;
+    mic.stream = m.stream;
     ui.micStatus.dataset.stream = m.stream;
+    if (!mic.started) {
+      mic.started = true;
+      mic.source.connect(mic.node);
+      mic.node.connect(mic.ctx.destination);
+      mic.ctx.resume().catch(() => {});
+    }
+    if (mic.state !== "stopping") {
+      const rate = mic.ctx.sampleRate;
+      const how = resuming ? `resumed at ${(mic.from / TARGET_RATE).toFixed(1)} s` : "streaming";
+      setMic("on", `${how} as ${m.stream} (${rate} Hz → ${TARGET_RATE} Hz)`);
+    }
+    sendPending();
+  }
+
+  /** An event of the microphone's own stream: note the last seq and where finals end. */
+  function onMicEvent(m) {
+    // (The highest: a translation's final may come after a later partial of the source.)
+    if (Number.isInteger(m.seq) && (mic.lastSeq === null || m.seq > mic.lastSeq)) {
+      mic.lastSeq = m.seq;
+    }
+    if (m.type === "final" && Number.isFinite(m.end) && m.end > mic.finalEnd) {
+      mic.finalEnd = m.end;
+      mic.keepFrom = Math.max(mic.keepFrom, Math.round(m.end * TARGET_RATE));
+      trimLog();
+    }
+    handleEvent(m); // (duplicates of the subscription's copies are dropped there)
   }
 
   function onWorkletMessage(event) {
-    const ws = mic.ws;
-    if (!ws || ws.readyState !== WebSocket.OPEN) return;
     if (event.data instanceof ArrayBuffer) {
-      if (mic.ready && !mic.stopSent) ws.send(event.data);
-    } else if (event.data && event.data.type === "flushed" && !mic.stopSent) {
-      mic.stopSent = true;
-      ws.send(JSON.stringify({ type: "stop" }));
+      if (!mic.started || mic.flushed) return;
+      const samples = new Int16Array(event.data);
+      mic.log.push({ start: mic.total, samples });
+      mic.total += samples.length;
+      while (mic.log.length && mic.total - mic.log[0].start > MIC_KEEP_SAMPLES) {
+        mic.log.shift(); // away too long: the oldest audio goes
+      }
+      if (mic.sent < logStart()) mic.sent = logStart();
+      sendPending();
+    } else if (event.data && event.data.type === "flushed") {
+      mic.flushed = true;
+      sendPending();
     }
   }
 
   function stopMic() {
-    if (!mic.ready) {
+    if (!mic.started) {
       finishMic("cancelled", false);
       return;
     }
     setMic("stopping", "finishing the last sentence…");
     // No more audio in; the worklet posts what it buffered, then "flushed",
-    // and only then does "stop" go out: the tail is not lost.
+    // and only once all of it is sent (after a resume, if need be) does
+    // "stop" go out: the tail is not lost.
     mic.source.disconnect();
     mic.node.port.postMessage({ type: "flush" });
     mic.stopTimer = setTimeout(() => finishMic("the server did not close in time", true),
       STOP_TIMEOUT_MS);
+  }
+
+  // -- the language picker: the source, or one of the daemon's translation targets ----------
+  //
+  // The daemon lists its targets in <meta name="streamer-targets">; ?target=de
+  // on the page's URL picks one (and is kept there, so a reload shows the same).
+
+  const language = { chosen: "" };
+
+  function setupLanguages() {
+    const meta = document.querySelector('meta[name="streamer-targets"]');
+    const targets = ((meta && meta.content) || "").split(",").filter(Boolean);
+    for (const target of targets) {
+      const option = document.createElement("option");
+      option.value = option.textContent = target;
+      ui.language.append(option);
+    }
+    const asked = pageQuery.get("target") || "";
+    language.chosen = targets.includes(asked) ? asked : "";
+    ui.language.value = language.chosen;
+    ui.languagePicker.hidden = !targets.length;
+    ui.language.addEventListener("change", () => {
+      language.chosen = ui.language.value;
+      if (language.chosen) pageQuery.set("target", language.chosen);
+      else pageQuery.delete("target");
+      const url = new URL(location.href);
+      url.search = pageQuery.toString();
+      window.history.replaceState(null, "", url.href);
+      for (const s of streams.values()) s.section.remove(); // other text: start afresh
+      streams.clear();
+      ui.placeholder.hidden = false;
+      reconnectNow(); // history=N brings the recent finals in that language
+    });
   }
 
   // -- wiring --------------------------------------------------------------------------------
@@ -505,8 +665,9 @@
   });
   ui.mic.addEventListener("click", () => {
     if (mic.state === "idle") startMic();
-    else if (mic.state === "on") stopMic();
+    else if (mic.state === "on" || mic.state === "reconnecting") stopMic();
   });
   setMic("idle", "");
+  setupLanguages();
   connect();
 })();
