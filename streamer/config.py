@@ -205,6 +205,7 @@ class MqttConfig:
     tls_key: str = _f("", path=True)
     protocol: str = _f("auto", choices=("auto", "5", "3.1.1"))
     prefix: str = _f("streamer", pattern=r"[^#+\s]+")
+    node: str = _f("", pattern=r"|[A-Za-z0-9_.-]{1,64}")
     partials: bool = _f(True)
     partial_qos: int = _f(0, min=0, max=2)
     final_qos: int = _f(1, min=0, max=2)

@@ -641,6 +641,7 @@ class App:
             tls_key=c.tls_key,
             protocol=c.protocol,
             prefix=c.prefix,
+            node=c.node,
             partials=c.partials,
             partial_qos=c.partial_qos,
             final_qos=c.final_qos,

@@ -11,6 +11,7 @@ Topics (``prefix`` defaults to ``streamer``)::
                                 on MQTT 5 each carries the user property ("run", run id)
     {prefix}/status/run         retained run id of the daemon (random per process start),
                                 published before "online" (for MQTT 3.1.1 consumers too)
+    {prefix}/status/{node}[/run]  the same two, with ``node`` set (several daemons, one broker)
     hermes/asr/partialTextCaptured, hermes/asr/textCaptured   (optional Hermes mode)
 
 The payload is the WebSocket event, ``json.dumps(event.to_wire())`` (DESIGN.md

@@ -56,6 +56,10 @@ def _default_client_id() -> str:
     return f"streamer-{socket.gethostname()}"
 
 
+#: A daemon's name among several on one broker (``[mqtt] node``).
+_NODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 @dataclass(frozen=True)
 class MqttSettings:
     """Broker, credentials, topics and delivery policy of the MQTT sink.
@@ -76,6 +80,7 @@ class MqttSettings:
     tls_key: str = ""
     protocol: str = "auto"  # "auto" | "5" | "3.1.1"
     prefix: str = "streamer"
+    node: str = ""  # several daemons on one broker: each its own status topic
     partials: bool = True
     partial_qos: int = 0
     final_qos: int = 1
@@ -112,6 +117,8 @@ class MqttSettings:
             raise bad("prefix", f"must be non-empty without leading/trailing '/', got {prefix!r}")
         if "+" in prefix or "#" in prefix or "\x00" in prefix:
             raise bad("prefix", "must not contain the wildcards '+' or '#'")
+        if self.node and (not _NODE.fullmatch(self.node) or self.node == "run"):
+            raise bad("node", f"must match {_NODE.pattern} and not be 'run', got {self.node!r}")
         for key in ("partial_qos", "final_qos"):
             if getattr(self, key) not in (0, 1, 2):
                 raise bad(key, f"must be 0, 1 or 2, got {getattr(self, key)!r}")
@@ -137,12 +144,14 @@ class MqttSettings:
 
     @property
     def status_topic(self) -> str:
-        return f"{self.prefix}/status"
+        """``{prefix}/status``, or ``{prefix}/status/{node}``: daemons sharing a broker
+        and a prefix would otherwise overwrite each other's retained status and will."""
+        return f"{self.prefix}/status/{self.node}" if self.node else f"{self.prefix}/status"
 
     @property
     def run_topic(self) -> str:
         """Retained run id of the daemon (next to the status)."""
-        return f"{self.prefix}/status/run"
+        return f"{self.status_topic}/run"
 
     def topic(self, stream: str, kind: str, target: str | None = None) -> str:
         """``{prefix}/{stream}/{kind}``, or ``{prefix}/{stream}/{target}/{kind}`` for a

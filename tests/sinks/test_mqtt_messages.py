@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from streamer.sinks.mqtt_messages import HERMES_FINAL_TOPIC, HERMES_PARTIAL_TOPIC, messages_for
 from streamer.sinks.mqtt_settings import MqttSettings
 from streamer.types import Hypothesis
@@ -47,3 +49,16 @@ def test_source_and_target_topics_with_the_source_qos() -> None:
     )  # fmt: skip
     # An empty final retracts partials: published, but no Hermes utterance.
     assert [m.topic for m in messages_for(s, ev("final", text=""))] == ["cap/kitchen_1/final"]
+
+
+def test_each_named_daemon_has_its_own_status_topic() -> None:
+    from streamer.errors import ConfigError
+
+    one = MqttSettings(prefix="cap")
+    assert (one.status_topic, one.run_topic) == ("cap/status", "cap/status/run")
+    box = MqttSettings(prefix="cap", node="box-1")
+    assert (box.status_topic, box.run_topic) == ("cap/status/box-1", "cap/status/box-1/run")
+    for bad in ("run", "a/b", "+", "x" * 65):
+        with pytest.raises(ConfigError) as err:
+            MqttSettings(node=bad)
+        assert err.value.key == "mqtt.node"
