@@ -33,15 +33,13 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
-class LocalAgreement:
-    """Commits the prefix that ``n`` consecutive hypotheses agree on."""
+class _Votes:
+    """Committed tokens and the hypotheses still voting on what comes next."""
 
-    def __init__(self, n: int = 2) -> None:
-        if n < 0:
-            raise ValueError("agreement n must be >= 0")
+    def __init__(self, n: int) -> None:
         self.n = n
         self._committed: list[int] = []
-        self._tails: deque[tuple[int, ...]] = deque(maxlen=max(n, 1))
+        self._votes: deque[tuple[int, ...]] = deque(maxlen=max(n, 1))
         self._tentative: tuple[int, ...] = ()
 
     @property
@@ -51,6 +49,47 @@ class LocalAgreement:
     @property
     def tentative(self) -> tuple[int, ...]:
         return self._tentative
+
+    def _vote(
+        self, vote: tuple[int, ...], tail: tuple[int, ...], boundaries: Sequence[bool] | None
+    ) -> tuple[int, ...]:
+        """Add ``vote``; once ``n`` voted, commit their common prefix (of ``tail``),
+        shortened to the last word boundary, and realign the votes after it."""
+        self._votes.append(vote)
+        if len(self._votes) < self.n:
+            return ()
+        k = common_prefix_length(list(self._votes))
+        if boundaries is not None:
+            while k > 0 and not boundaries[k]:
+                k -= 1
+        if not k:
+            return ()
+        newly = tail[:k]
+        self._committed.extend(newly)
+        kept = [v[k:] for v in self._votes]
+        self._votes.clear()
+        self._votes.extend(kept)
+        return newly
+
+    def forget_tails(self, tentative: Sequence[int]) -> None:
+        """Drop the votes (a looping decode must not vote); show ``tentative``."""
+        self._votes.clear()
+        self._tentative = tuple(tentative)
+
+    def reset(self) -> None:
+        """Start a new segment."""
+        self._committed.clear()
+        self._votes.clear()
+        self._tentative = ()
+
+
+class LocalAgreement(_Votes):
+    """Commits the prefix that ``n`` consecutive hypotheses agree on."""
+
+    def __init__(self, n: int = 2) -> None:
+        if n < 0:
+            raise ValueError("agreement n must be >= 0")
+        super().__init__(n)
 
     def update(
         self, new_tokens: Sequence[int], boundaries: Sequence[bool] | None = None
@@ -62,39 +101,12 @@ class LocalAgreement:
         boundary, so a half word is never committed. Default: anywhere.
         """
         tail = tuple(new_tokens)
-        if self.n == 0:
-            self._tentative = tail
-            return ()
-        self._tails.append(tail)
-        newly: tuple[int, ...] = ()
-        if len(self._tails) >= self.n:
-            k = common_prefix_length(list(self._tails))
-            if boundaries is not None:
-                while k > 0 and not boundaries[k]:
-                    k -= 1
-            if k:
-                newly = tail[:k]
-                self._committed.extend(newly)
-                # Keep the remaining tails aligned to the new committed point.
-                kept = [t[k:] for t in self._tails]
-                self._tails.clear()
-                self._tails.extend(kept)
+        newly = self._vote(tail, tail, boundaries) if self.n else ()
         self._tentative = tail[len(newly) :]
         return newly
 
-    def forget_tails(self, tentative: Sequence[int]) -> None:
-        """Drop the hypotheses awaiting agreement (a looping decode must not vote)."""
-        self._tails.clear()
-        self._tentative = tuple(tentative)
 
-    def reset(self) -> None:
-        """Start a new segment."""
-        self._committed.clear()
-        self._tails.clear()
-        self._tentative = ()
-
-
-class AlignAtt:
+class AlignAtt(_Votes):
     """Commits what the decoder wrote before its attention reached the newest audio.
 
     ``n`` > 1 also asks the last ``n`` hypotheses to agree on it (their tokens
@@ -108,19 +120,8 @@ class AlignAtt:
             raise ValueError("alignatt frames must be >= 1")
         if n < 1:
             raise ValueError("alignatt agreement n must be >= 1")
+        super().__init__(n)
         self.frames = frames
-        self.n = n
-        self._committed: list[int] = []
-        self._tentative: tuple[int, ...] = ()
-        self._candidates: deque[tuple[int, ...]] = deque(maxlen=n)
-
-    @property
-    def committed(self) -> tuple[int, ...]:
-        return tuple(self._committed)
-
-    @property
-    def tentative(self) -> tuple[int, ...]:
-        return self._tentative
 
     def stop_index(self, peaks: Sequence[int], audio_frames: int) -> int:
         """Index of the first token attending to the last ``frames`` frames (else the end)."""
@@ -146,26 +147,6 @@ class AlignAtt:
             self._tentative = tail
             return ()
         stop = self.stop_index(peaks, audio_frames)
-        self._candidates.append(tail[:stop])
-        newly: tuple[int, ...] = ()
-        if len(self._candidates) >= self.n:
-            k = common_prefix_length(list(self._candidates))
-            while k > 0 and not boundaries[k]:
-                k -= 1
-            newly = tail[:k]
-            self._committed.extend(newly)
-            kept = [c[k:] for c in self._candidates]
-            self._candidates.clear()
-            self._candidates.extend(kept)
+        newly = self._vote(tail[:stop], tail, boundaries)
         self._tentative = tail[len(newly) : stop]
         return newly
-
-    def forget_tails(self, tentative: Sequence[int]) -> None:
-        """A looping decode commits nothing, nor votes; show what came before the loop."""
-        self._candidates.clear()
-        self._tentative = tuple(tentative)
-
-    def reset(self) -> None:
-        self._committed.clear()
-        self._candidates.clear()
-        self._tentative = ()

@@ -24,19 +24,15 @@ message.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import IO
 
 from streamer.testing.net import free_port
+from streamer.testing.process import ServerProcess, accepts
 
 __all__ = ["HAProxy", "HAProxyError", "find_haproxy", "haproxy_config"]
 
@@ -121,14 +117,15 @@ def haproxy_config(
     return "\n".join(lines) + "\n"
 
 
-class HAProxy:
+class HAProxy(ServerProcess):
     """One HAProxy process with its config and log under ``workdir``.
 
     ``servers`` maps daemon names to their ports on 127.0.0.1. Use as a
     context manager or call :meth:`start` / :meth:`stop`.
     """
 
-    host = "127.0.0.1"
+    name = "haproxy"
+    error = HAProxyError
 
     def __init__(
         self,
@@ -149,24 +146,15 @@ class HAProxy:
         self.stats_port = free_port()
         self.conf_path = self.workdir / "haproxy.cfg"
         self.log_path = self.workdir / "haproxy.log"
+        super().__init__(self.log_path)
         self.conf_path.write_text(
             haproxy_config(self.servers, self.port, self.stats_port, check_ms), encoding="utf-8"
         )
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._out: IO[bytes] | None = None
 
     def url(self, path: str, scheme: str = "ws") -> str:
         return f"{scheme}://{self.host}:{self.port}{path}"
 
     # -- process ---------------------------------------------------------------
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def check(self) -> None:
         """``haproxy -c``: the config is valid (raises with HAProxy's words if not)."""
@@ -179,53 +167,12 @@ class HAProxy:
         if done.returncode != 0:
             raise HAProxyError(f"haproxy -c failed:\n{done.stdout}{done.stderr}")
 
-    def start(self, timeout: float = 10.0) -> None:
-        """Start in the foreground (``-db``) and wait until it listens and answers."""
-        if self.running:
-            return
-        self._close_out()
-        self._out = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self._proc = subprocess.Popen(
-            [self.binary, "-db", "-f", str(self.conf_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C in the test run is not sent to it twice
-        )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                code = self._proc.returncode
-                self._proc = None
-                self._close_out()
-                raise HAProxyError(f"haproxy exited with {code} at start\n{self.log_tail()}")
-            with contextlib.suppress(OSError):
-                if _accepts(self.host, self.port) and self._ask("show info").strip():
-                    return
-            if time.monotonic() > deadline:
-                self.stop()
-                raise HAProxyError(f"haproxy not ready within {timeout} s\n{self.log_tail()}")
-            time.sleep(0.02)
+    def command(self) -> list[str]:
+        return [self.binary, "-db", "-f", str(self.conf_path)]  # -db: in the foreground
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM by PID (a hard stop), SIGKILL if it is still alive after ``timeout``."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout)
-        self._proc = None
-        self._close_out()
-
-    def _close_out(self) -> None:
-        if self._out is not None:
-            self._out.close()
-            self._out = None
+    def ready(self) -> bool:
+        """It listens and its stats socket answers."""
+        return accepts(self.host, self.port) and bool(self._ask("show info").strip())
 
     # -- the stats socket ------------------------------------------------------
 
@@ -259,35 +206,3 @@ class HAProxy:
     def connections(self, server: str, backend: str = STREAMS) -> int:
         """Sessions HAProxy has sent to ``server`` in ``backend`` so far."""
         return int(self.stats()[(backend, server)]["stot"] or 0)
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return "(no haproxy output)"
-        tail = text.splitlines()[-lines:]
-        return "--- haproxy.log ---\n" + "\n".join(tail) if tail else "(no haproxy output)"
-
-    def __enter__(self) -> HAProxy:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        state = f"pid={self.pid}" if self.running else "stopped"
-        return f"<HAProxy {self.host}:{self.port} {state}>"
-
-
-def _accepts(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False

@@ -34,15 +34,11 @@ import hashlib
 import os
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
-import time
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 from streamer.testing.net import free_port
+from streamer.testing.process import ServerProcess, accepts
 
 __all__ = ["Mosquitto", "MosquittoError", "TcpGate", "find_mosquitto", "free_port"]
 
@@ -73,7 +69,7 @@ def hash_password(password: str, *, iterations: int = 101) -> str:
     return f"$7${iterations}${b64(salt).decode()}${b64(digest).decode()}"
 
 
-class Mosquitto:
+class Mosquitto(ServerProcess):
     """One Mosquitto process with its config, certificates and log under ``workdir``.
 
     ``users`` (name → password) adds the password listener; ``tls`` adds the
@@ -82,7 +78,8 @@ class Mosquitto:
     :meth:`start` / :meth:`stop`.
     """
 
-    host = "127.0.0.1"
+    name = "mosquitto"
+    error = MosquittoError
 
     def __init__(
         self,
@@ -103,14 +100,12 @@ class Mosquitto:
         self.require_client_cert = require_client_cert
         self.conf_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
-        self.out_path = self.workdir / "mosquitto.out"
+        super().__init__(self.workdir / "mosquitto.out", (self.log_path,))
         self.port = free_port()
         self.password_port: int | None = free_port() if self.users else None
         self.tls_port: int | None = free_port() if tls else None
         self.ca_path: Path | None = None
         self._ca: Any = None  # trustme.CA; typed loosely so mypy needs no trustme stubs
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._out: IO[bytes] | None = None
         if tls:
             self._make_certificates()
         self._write_config()
@@ -185,115 +180,15 @@ class Mosquitto:
     # -- process ---------------------------------------------------------------
 
     @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
     def ports(self) -> list[int]:
         return [p for p in (self.port, self.password_port, self.tls_port) if p is not None]
 
-    def start(self, timeout: float = 10.0) -> None:
-        """Start the broker and wait until every listener accepts connections."""
-        if self.running:
-            return
-        self._close_out()
-        self._out = open(self.out_path, "ab")  # noqa: SIM115 - closed in stop()/kill()
-        self._proc = subprocess.Popen(
-            [self.binary, "-c", str(self.conf_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C in the test run is not sent to it twice
-        )
-        deadline = time.monotonic() + timeout
-        pending = list(self.ports)
-        while pending:
-            if self._proc.poll() is not None:
-                code = self._proc.returncode
-                self._proc = None
-                self._close_out()
-                raise MosquittoError(f"mosquitto exited with {code} at start\n{self.log_tail()}")
-            if _accepts(self.host, pending[0]):
-                pending.pop(0)
-                continue
-            if time.monotonic() > deadline:
-                self.kill()
-                raise MosquittoError(
-                    f"mosquitto did not listen on {self.host}:{pending[0]} within {timeout} s\n"
-                    f"{self.log_tail()}"
-                )
-            time.sleep(0.02)
+    def command(self) -> list[str]:
+        return [self.binary, "-c", str(self.conf_path)]
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM by PID, SIGKILL if it is still alive after ``timeout``."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout)
-        self._proc = None
-        self._close_out()
-
-    def kill(self) -> None:
-        """SIGKILL by PID (an abrupt outage: no goodbye to the clients)."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5.0)
-        self._proc = None
-        self._close_out()
-
-    def _close_out(self) -> None:
-        if self._out is not None:
-            self._out.close()
-            self._out = None
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The last lines of the broker log and its stdout/stderr, for failure messages."""
-        parts = []
-        for path in (self.log_path, self.out_path):
-            try:
-                text = path.read_text(encoding="utf-8", errors="replace")
-            except OSError:
-                continue
-            tail = text.splitlines()[-lines:]
-            if tail:
-                parts.append(f"--- {path.name} ---\n" + "\n".join(tail))
-        return "\n".join(parts) if parts else "(no broker output)"
-
-    def __enter__(self) -> Mosquitto:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        state = f"pid={self.pid}" if self.running else "stopped"
-        return f"<Mosquitto {self.host}:{self.port} {state}>"
-
-
-def _accepts(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
+    def ready(self) -> bool:
+        """Every listener accepts connections."""
+        return all(accepts(self.host, port) for port in self.ports)
 
 
 class TcpGate:

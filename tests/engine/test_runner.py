@@ -67,26 +67,37 @@ def requests(decoder: Decoder, clip: np.ndarray) -> list[DecodeRequest]:
     return out
 
 
-def test_batched_tokens_equal_solo(decoder: Decoder, clip: np.ndarray) -> None:
-    reqs = requests(decoder, clip)
-    solo = {r.request_id: decoder.run(r) for r in reqs}
+def run_batched(
+    decoder: Decoder, reqs: list[DecodeRequest], steps: list[int] | None = None
+) -> dict:
+    """Each request's result from the batch runner; sequences join in waves of 3 while
+    others are mid-decode. ``steps`` receives the number of steps taken."""
+    import torch
+
     runner = BatchRunner(decoder)
     assert runner.batchable
     results = {}
     pending = list(reqs)
-    steps = 0
-    import torch
-
+    taken = 0
     with torch.inference_mode():
         while pending or runner.running:
-            # sequences join in waves of 3 while others are mid-decode
             wave, pending = pending[:3], pending[3:]
             for job, result in runner.admit([Job(r, 0.0) for r in wave]):
                 results[job.req.request_id] = result
             for job, result in runner.step():
                 results[job.req.request_id] = result
-            steps += 1
-    assert steps < sum(r.max_new_tokens for r in reqs)  # they really ran together
+            taken += 1
+    if steps is not None:
+        steps.append(taken)
+    return results
+
+
+def test_batched_tokens_equal_solo(decoder: Decoder, clip: np.ndarray) -> None:
+    reqs = requests(decoder, clip)
+    solo = {r.request_id: decoder.run(r) for r in reqs}
+    steps: list[int] = []
+    results = run_batched(decoder, reqs, steps=steps)
+    assert steps[0] < sum(r.max_new_tokens for r in reqs)  # they really ran together
     for rid, expected in solo.items():
         got = results[rid]
         assert got.tokens == expected.tokens, rid
@@ -188,23 +199,6 @@ def test_beam_search_batched_equals_beam_search_alone(decoder: Decoder, clip: np
         expected = solo[rid]
         assert got.tokens == expected.tokens, rid
         assert got.pieces == expected.pieces and got.lang == expected.lang
-
-
-def run_batched(decoder: Decoder, reqs: list[DecodeRequest], **runner_kw: object) -> dict:
-    """Each request's result from the batch runner, joining in waves of 3."""
-    import torch
-
-    runner = BatchRunner(decoder, **runner_kw)  # type: ignore[arg-type]
-    results = {}
-    pending = list(reqs)
-    with torch.inference_mode():
-        while pending or runner.running:
-            wave, pending = pending[:3], pending[3:]
-            for job, result in runner.admit([Job(r, 0.0) for r in wave]):
-                results[job.req.request_id] = result
-            for job, result in runner.step():
-                results[job.req.request_id] = result
-    return results
 
 
 def test_batched_alignment_equals_solo(

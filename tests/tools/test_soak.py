@@ -86,7 +86,7 @@ BOUNDS: dict[str, Callable[[dict[str, Any]], float]] = {
     "session._in_flight": lambda s: 2,
     "session._abandoned": lambda s: 1,
     "runner._pending": lambda s: 2,
-    "agreement._tails": lambda s: s["agreement_n"],
+    "agreement._votes": lambda s: s["agreement_n"],
     "agreement._committed": lambda s: s["max_tokens_per_second"] * s["max_segment_s"] + 8,
     "engine._cancelled": lambda s: STREAMS,
     "engine._callbacks": lambda s: 2 * STREAMS,
