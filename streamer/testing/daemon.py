@@ -27,7 +27,49 @@ if TYPE_CHECKING:
     from streamer.config import Config
     from streamer.service.app import App
 
-__all__ = ["DaemonProcess", "http_status", "running_app", "tiny_model_config"]
+__all__ = ["DaemonProcess", "client_config", "http_status", "running_app", "tiny_model_config"]
+
+
+def client_config(
+    model: Path,
+    *,
+    vad: bool = True,
+    streaming: Mapping[str, object] | None = None,
+    sections: Mapping[str, object] | None = None,
+    **websocket: object,
+) -> Config:
+    """An in-process daemon on ``model`` for client tests: no sources, no console.
+
+    Tiny-model streaming settings (0.5 s hops, short decodes), float32 (exact
+    and small: ``auto`` is bfloat16 on AMX CPUs), Silero VAD unless ``vad`` is
+    off, the WebSocket on a free loopback port; ``streaming`` and ``websocket``
+    override keys of those sections, ``sections`` replaces whole ones (e.g.
+    ``{"admission": AdmissionConfig(...)}``).
+    """
+    import dataclasses
+
+    from streamer.config import (
+        Config,
+        ConsoleConfig,
+        ModelConfig,
+        StreamingConfig,
+        VadConfig,
+        WebSocketConfig,
+    )
+
+    stream = {"chunk_ms": 500, "max_tokens_per_second": 3.0, "min_tokens": 2, **(streaming or {})}
+    ws: dict[str, object] = {"port": 0, "max_audio_rate": 50.0, **websocket}
+    return Config(
+        model=ModelConfig(
+            id=str(model), device="cpu", dtype="float32", source_language="en", target_language="en"
+        ),
+        streaming=dataclasses.replace(StreamingConfig(), **stream),  # type: ignore[arg-type]
+        vad=VadConfig(enabled=vad, backend="silero"),
+        sources=(),
+        websocket=dataclasses.replace(WebSocketConfig(), **ws),  # type: ignore[arg-type]
+        console=ConsoleConfig(enabled=False),
+        **(sections or {}),  # type: ignore[arg-type]
+    )
 
 
 @contextlib.asynccontextmanager

@@ -27,14 +27,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from streamer.config import (
     AdmissionConfig,
     Config,
-    ConsoleConfig,
-    ModelConfig,
-    StreamingConfig,
-    VadConfig,
-    WebSocketConfig,
 )
 from streamer.service.app import App
-from streamer.testing.daemon import running_app
+from streamer.testing.daemon import client_config, running_app
 
 TIMEOUT = 60.0  # only a hang reaches it
 RATE = 16000
@@ -43,16 +38,13 @@ SLOW_S = 0.02
 
 
 def config(model: Path, **admission: Any) -> Config:
-    return Config(
-        model=ModelConfig(id=str(model), device="cpu", source_language="en", target_language="en"),
-        streaming=dataclasses.replace(
-            StreamingConfig(), chunk_ms=500, max_tokens_per_second=3.0, min_tokens=2
-        ),
-        vad=VadConfig(enabled=False),
-        sources=(),
-        websocket=WebSocketConfig(port=0, max_audio_rate=4.0),
-        admission=dataclasses.replace(AdmissionConfig(load_window_s=2.0), **admission),
-        console=ConsoleConfig(enabled=False),
+    return client_config(
+        model,
+        vad=False,
+        max_audio_rate=4.0,
+        sections={
+            "admission": dataclasses.replace(AdmissionConfig(load_window_s=2.0), **admission)
+        },
     )
 
 

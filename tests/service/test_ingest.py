@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import socket
 import ssl
@@ -28,15 +27,11 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streamer.config import (
     Config,
-    ConsoleConfig,
-    ModelConfig,
-    StreamingConfig,
-    VadConfig,
     WebSocketConfig,
 )
 from streamer.errors import ConfigError
 from streamer.service.app import App
-from streamer.testing.daemon import running_app
+from streamer.testing.daemon import client_config, running_app
 from streamer.types import Hypothesis
 
 from ..conftest import check_wire_event
@@ -46,18 +41,7 @@ TIMEOUT = 30.0
 
 
 def make_config(model: Path, vad: bool = True, **ws: Any) -> Config:
-    return Config(
-        model=ModelConfig(
-            id=str(model), device="cpu", dtype="float32", source_language="en", target_language="en"
-        ),
-        streaming=dataclasses.replace(
-            StreamingConfig(), chunk_ms=500, max_tokens_per_second=3.0, min_tokens=2
-        ),
-        vad=VadConfig(enabled=vad, backend="silero"),
-        sources=(),
-        websocket=dataclasses.replace(WebSocketConfig(port=0, max_audio_rate=50.0), **ws),
-        console=ConsoleConfig(enabled=False),
-    )
+    return client_config(model, vad=vad, **ws)
 
 
 def running(cfg: Config) -> contextlib.AbstractAsyncContextManager[App]:

@@ -27,11 +27,6 @@ from websockets.exceptions import InvalidStatus
 
 from streamer.config import (
     Config,
-    ConsoleConfig,
-    ModelConfig,
-    StreamingConfig,
-    VadConfig,
-    WebSocketConfig,
 )
 from streamer.service.app import App
 from streamer.service.client_io import Transcript, decode_g711
@@ -44,7 +39,7 @@ from streamer.service.realtime_protocol import (
 )
 from streamer.service.streams import StreamRunner
 from streamer.sinks.fanout import Subscription
-from streamer.testing.daemon import running_app
+from streamer.testing.daemon import client_config, running_app
 from streamer.types import Hypothesis
 
 CLIP = Path(__file__).resolve().parents[1] / "data" / "audio" / "fleurs-en-004.ogg"
@@ -53,17 +48,8 @@ TURN = TurnDetection(threshold=0.5, prefix_padding_ms=300, silence_duration_ms=6
 
 
 def make_config(model: Path, **ws: Any) -> Config:
-    return Config(
-        model=ModelConfig(id=str(model), device="cpu", source_language="en", target_language="en"),
-        # agreement_n=1 commits every partial's words: deltas on the random model too
-        streaming=dataclasses.replace(
-            StreamingConfig(), chunk_ms=500, max_tokens_per_second=3.0, min_tokens=2, agreement_n=1
-        ),
-        vad=VadConfig(enabled=True, backend="silero"),
-        sources=(),
-        websocket=dataclasses.replace(WebSocketConfig(port=0, max_audio_rate=50.0), **ws),
-        console=ConsoleConfig(enabled=False),
-    )
+    # agreement_n=1 commits every partial's words: deltas on the random model too
+    return client_config(model, streaming={"agreement_n": 1}, **ws)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from streamer.errors import ConfigError
 from streamer.testing.tiny_translation import make_mbart50
 
 from ..conftest import check_wire_event
-from .test_ingest import clip_pcm, make_config, read_all, running, send_pcm, start_msg, ws_url
+from .test_ingest import make_config, running, start_msg, stream_clip, ws_url
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +31,6 @@ def tiny_mbart50(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def translating(model: Path, mt: Path, targets: str = "de,fr", **ws: Any) -> Config:
     cfg = make_config(model, **ws)
     return dataclasses.replace(cfg, translation=TranslationConfig(targets=targets, model=str(mt)))
-
-
-async def stream(app: Any, name: str, **start: Any) -> list[dict[str, Any]]:
-    data, rate, _ = clip_pcm()
-    async with connect(ws_url(app, "/v1/stream")) as ws:
-        await ws.send(start_msg(rate, stream=name, **start))
-        assert json.loads(await ws.recv())["type"] == "ready"
-        await send_pcm(ws, data)
-        await ws.send('{"type": "stop"}')
-        events = await read_all(ws)
-    assert ws.close_code == 1000, (ws.close_code, ws.close_reason)
-    return events
 
 
 def check_targets(events: list[dict[str, Any]], targets: tuple[str, ...]) -> None:
@@ -79,10 +67,10 @@ async def test_daemon_wide_targets_and_a_client_choice(tiny_whisper: Path, tiny_
     cfg = translating(tiny_whisper, tiny_mbart50, client_targets="de,es")
     async with running(cfg) as app:
         assert app.engine is not None and set(app.engine.targets) == {"de", "fr", "es"}
-        check_targets(await stream(app, "alice"), ("de", "fr"))  # [translation] targets
-        chosen = await stream(app, "bob", targets=["es"])
+        check_targets(await stream_clip(app, "alice"), ("de", "fr"))  # [translation] targets
+        chosen = await stream_clip(app, "bob", targets=["es"])
         check_targets(chosen, ("es",))
-        assert not [e for e in await stream(app, "carol", targets=[]) if "target" in e]
+        assert not [e for e in await stream_clip(app, "carol", targets=[]) if "target" in e]
         async with connect(ws_url(app, "/v1/stream")) as ws:  # not in client_targets
             await ws.send(start_msg(16000, targets=["fr"]))
             error = json.loads(await ws.recv())

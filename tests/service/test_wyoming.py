@@ -30,10 +30,6 @@ from wyoming.ping import Ping, Pong
 
 from streamer.config import (
     Config,
-    ConsoleConfig,
-    ModelConfig,
-    StreamingConfig,
-    VadConfig,
     WebSocketConfig,
     WyomingConfig,
     validate_config,
@@ -44,7 +40,7 @@ from streamer.service.client_io import decode_int_pcm
 from streamer.service.exposure import exposure_warnings
 from streamer.service.wyoming import MAX_HEADER_BYTES
 from streamer.sinks.fanout import Subscription
-from streamer.testing.daemon import running_app
+from streamer.testing.daemon import client_config, running_app
 from streamer.testing.net import free_port
 
 AUDIO = Path(__file__).resolve().parents[1] / "data" / "audio"
@@ -52,16 +48,10 @@ TIMEOUT = 30.0
 
 
 def make_config(model: Path, port: int, **wyoming: Any) -> Config:
-    return Config(
-        model=ModelConfig(id=str(model), device="cpu", source_language="en", target_language="en"),
-        streaming=dataclasses.replace(
-            StreamingConfig(), chunk_ms=500, max_tokens_per_second=3.0, min_tokens=2, agreement_n=1
-        ),
-        vad=VadConfig(enabled=True, backend="silero"),
-        sources=(),
-        websocket=WebSocketConfig(port=0, max_audio_rate=50.0),
-        wyoming=WyomingConfig(enabled=True, port=port, **wyoming),
-        console=ConsoleConfig(enabled=False),
+    return client_config(
+        model,
+        streaming={"agreement_n": 1},
+        sections={"wyoming": WyomingConfig(enabled=True, port=port, **wyoming)},
     )
 
 
