@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from streamer import __version__
-from streamer.config import Config, check_config, dump_toml, load_config
+from streamer.config import Config, check_config, dump_toml, load_config, may_pick_language
 from streamer.errors import EX_CONFIG, ConfigError, StreamerError
 from streamer.service.exposure import exposure_warnings
 from streamer.service.logs import configure_logging, report_error
@@ -48,15 +48,20 @@ def _config(args: argparse.Namespace) -> Config:
 def _target_override(value: str, cfg: Config) -> str:
     """``--target-language``: the translation targets when a translation model is
     configured (``[translation] model`` or ``--translation-model``), so the speech
-    model keeps its own target (Whisper: ``en``); else the speech model's target
+    model keeps its own target (Whisper: ``en``), and several codes on a speech
+    model that may pick its language by a token; else the speech model's target
     (one code, as before translation targets existed)."""
     items = [item.strip() for item in value.split(",") if item.strip()]
-    if cfg.translation.model:
+    if cfg.translation.model or (len(items) > 1 and may_pick_language(cfg.model.id)):
+        # a cascade, or a speech-encoder-decoder whose decoder picks its language by
+        # a token: decoded as rows beside the model's own target (README "Translation
+        # targets"); the daemon refuses at start if the model lacks a target's token
         return f'translation.targets="{",".join(items)}"'
     if len(items) != 1:
         raise ConfigError(
             "several target languages need a translation model "
-            "(--translation-model or [translation] model)",
+            "(--translation-model or [translation] model) or a speech model whose "
+            "decoder picks its language by a token",
             key="translation.model",
         )
     return f'model.target_language="{items[0]}"'

@@ -723,6 +723,29 @@ def _locator(raw: _Raw) -> Callable[[str], _Origin | None]:
 # ---------------------------------------------------------------- validation
 
 
+def may_pick_language(model_id: str) -> bool:
+    """Whether the speech model may decode translation targets itself (no cascade).
+
+    Only a speech-encoder-decoder's decoder picks its language by a token
+    (``streamer.core.multi_target``); whether it has a token for every target
+    is known once it is loaded (the daemon refuses to start otherwise). A
+    builtin (Whisper) or a local folder of another type cannot; a hub id is
+    given the benefit of the doubt here.
+    """
+    if model_id.startswith("builtin:"):
+        return False
+    config = Path(model_id).expanduser() / "config.json"
+    if not config.is_file():
+        return not Path(model_id).expanduser().is_dir()
+    try:
+        import json
+
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(model_type == "speech-encoder-decoder")
+
+
 def validate_config(cfg: Config) -> None:
     """Check a ``Config`` built in code as strictly as one loaded from a file."""
     origin = _Origin(None, Path.cwd(), 0)
@@ -768,7 +791,7 @@ def _validate(report: ConfigReport) -> list[ConfigError]:
     if bool(ws.tls_cert) != bool(ws.tls_key):
         problem("TLS needs both tls_cert and tls_key", "websocket.tls_cert", "websocket.tls_key")
     tr = cfg.translation
-    if (tr.targets or ws.client_targets) and not tr.model:
+    if (tr.targets or ws.client_targets) and not tr.model and not may_pick_language(cfg.model.id):
         key = "translation.targets" if tr.targets else "websocket.client_targets"
         problem("translation targets need translation.model (a translation checkpoint)",
                 key, "translation.model")  # fmt: skip

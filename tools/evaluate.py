@@ -187,7 +187,7 @@ class Evaluator:
         return make_vad(self.cfg.vad.backend, self.sample_rate)
 
     def settings(self, lang: str, vad: FrameVad | None, *, partials: bool) -> SessionSettings:
-        from streamer.service.app import session_settings
+        from streamer.service.engine_setup import session_settings
 
         frame = vad.frame_samples if vad is not None else 512
         base = session_settings(self.cfg, self.sample_rate, frame)
@@ -548,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from streamer.service.app import make_decoder
+    from streamer.service.engine_setup import make_decoder
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check: one command for a CUDA machine with no network, under 9 minutes
 # on one H100. It prints the device (nvidia-smi and torch's view), runs the
-# `gpu`-marked tests, then the stream sweep (tools/gpu_sweep.py: Whisper base
+# `gpu`-marked tests, the targets benchmark (tools/translate_benchmark.py: compute
+# per stream-second with 0/1/2/4 caption languages, cascade vs the SED's own rows,
+# at most 150 s), then the stream sweep (tools/gpu_sweep.py: Whisper base
 # fp16 and the random base-size SED bf16, N = 1..2000 real-time streams,
 # compile off and on, within what is left of the 9 minutes), writes
-# results/gpu-*.json and prints one table.
+# results/gpu-*.json and prints one table (the targets rows under it).
 #
 #   bash tools/gpu_check.sh                      # on the CUDA machine
 #   bash tools/gpu_check.sh --out-dir /tmp/gpu   # JSON elsewhere
@@ -31,7 +33,7 @@ while (($#)); do
     --out-dir) out_dir="$2"; shift 2 ;;
     --out-dir=*) out_dir="${1#*=}"; shift ;;
     --) shift; sweep_args=("$@"); break ;;
-    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -70,10 +72,25 @@ case "$tests_rc" in
 esac
 echo "gpu tests: $tests_said after $(($(date +%s) - started)) s"
 
+echo "== targets (tools/translate_benchmark.py)"
+# Captions in 0/1/2/4 more languages, cascade (random opus-mt-size Marian) against the
+# SED's own rows; at most targets_s of the budget (the sweep's shares shrink by what it took).
+targets_s=150
+if ((${#quick[@]})); then
+  target_args=(--quick)
+else
+  target_args=(--device cuda --dtype bfloat16 --seconds 12)
+fi
+targets_rc=0
+timeout "$targets_s" "$PY" tools/translate_benchmark.py "${target_args[@]}" \
+  --out "$out_dir/gpu-translate.json" || targets_rc=$?
+echo "targets: exit $targets_rc after $(($(date +%s) - started)) s"
+
 echo "== stream sweep (tools/gpu_sweep.py)"
 sweep_rc=0
 "$PY" tools/gpu_sweep.py "${quick[@]}" --out-dir "$out_dir" --started-at "$started" \
-  --budget-s "$budget_s" --tests-rc "$tests_rc" "${sweep_args[@]}" || sweep_rc=$?
+  --budget-s "$budget_s" --tests-rc "$tests_rc" --targets-json "$out_dir/gpu-translate.json" \
+  "${sweep_args[@]}" || sweep_rc=$?
 
 echo "== gpu_check: gpu tests $tests_said; sweep exit $sweep_rc; $(($(date +%s) - started)) s of ${budget_s} s"
 if [ "$tests_rc" -ne 0 ] && [ "$tests_rc" -ne 5 ]; then

@@ -785,6 +785,26 @@ def format_table(rows: list[dict[str, str]]) -> str:
 # -- main -----------------------------------------------------------------------------------
 
 
+def targets_table(path: str) -> tuple[dict[str, Any], str] | None:
+    """The captions-in-more-languages rows (``tools/translate_benchmark.py``'s JSON, run
+    by gpu_check.sh before the sweep): compute per stream-second by targets, cascade
+    against the SED's own rows. None without the file; a line saying so when unreadable."""
+    if not path:
+        return None
+    from tools.translate_benchmark import format_rows
+    from tools.translate_benchmark import table_rows as target_rows
+
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return {"error": str(exc)}, f"targets: no figures ({path}: {exc})"
+    rows = target_rows(report)
+    models = f"{report.get('speech_model')}, {report.get('translation_model')}"
+    where = f"{report.get('device')} {report.get('dtype')}"
+    head = f"targets ({models}, {where}): engine compute per stream-second"
+    return report, head + "\n" + format_rows(rows)
+
+
 def _streams(text: str) -> list[int]:
     counts = [int(x) for x in text.split(",") if x.strip()]
     if not counts or min(counts) < 1:
@@ -810,6 +830,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--started-at", type=float, default=None, help="epoch s the check started")
     p.add_argument("--tests-rc", type=int, default=None, help="exit status of the gpu tests")
     p.add_argument("--set", action="append", default=[], help="config override k=v")
+    p.add_argument("--targets-json", default="", help="tools/translate_benchmark.py's JSON")
     args = p.parse_args(argv)
     quick = args.quick
     args.device = args.device or ("cpu" if quick else "cuda")
@@ -927,6 +948,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["budget"]["used_s"] = round(time.time() - args.started_at, 1)
     rows = table_rows(report, args.streams, args.max_p95)
     table = format_table(rows)
+    targets = targets_table(args.targets_json)
+    if targets:
+        report["targets"] = targets[0]
+        table += "\n\n" + targets[1]
     report["rows"] = rows
     report["table"] = table
     written = []

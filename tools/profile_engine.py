@@ -158,7 +158,7 @@ def op_cpu_times(fn: Callable[[], object], calls: int, top: int = 10) -> dict[st
 
 def load_decoder(model: str, dtype: str, config: list[str]) -> tuple[Any, Decoder]:
     from streamer.config import load_config
-    from streamer.service.app import make_decoder
+    from streamer.service.engine_setup import make_decoder
 
     sets = [f"model.id={json.dumps(model)}", f"model.dtype={json.dumps(dtype)}",
             'model.device="cpu"', 'model.source_language="en"', *config]  # fmt: skip

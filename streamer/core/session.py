@@ -40,14 +40,15 @@ from typing import Literal
 
 import numpy as np
 
+from streamer.core.requests import DecodeRequest as DecodeRequest
+from streamer.core.requests import DecodeResult as DecodeResult
+from streamer.core.requests import RequestKind as RequestKind
 from streamer.core.segmenter import Segmenter, SegmenterSettings, SpeechEnded, SpeechStarted
 from streamer.core.stabilizer import AlignAtt, LocalAgreement
 from streamer.core.text import complete_utf8, render, word_boundaries
 from streamer.core.window import AudioBuffer
 from streamer.core.words import words_of
 from streamer.types import FloatArray, Hypothesis, Word
-
-RequestKind = Literal["partial", "final"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,45 +96,15 @@ class SessionSettings:
 SourceEventKind = Literal["source_lost", "source_restored"]
 
 
-@dataclass(frozen=True, slots=True)
-class DecodeRequest:
-    """Decode ``audio`` (samples ``[start, end)``) after ``prompt`` + ``forced`` tokens."""
+@dataclass(slots=True)
+class TargetTrack:
+    """One extra target's stabilisation of a segment (see ``MultiTargetSession``):
+    the fields of ``_Segment`` that differ per output language."""
 
-    stream: str
-    request_id: int
-    kind: RequestKind
-    segment: int
-    audio: FloatArray
-    start: int
-    end: int
-    prompt: tuple[int, ...]
-    forced: tuple[int, ...]
-    max_new_tokens: int
-    lang: str | None = None  # source language; None: the engine detects it
-    task: str | None = None  # None: the model's configured task
-    supersedes: int | None = None  # a request of this stream whose result is no longer wanted
-    bulk: bool = False  # input arriving faster than real time: served after live streams
-    # AlignAtt (> 0): stop at the first new token whose cross-attention peak lies in the
-    # last ``alignatt_frames`` encoder frames of ``audio`` (that token is still returned).
-    alignatt_frames: int = 0
-    words: bool = False  # return each token's frame span (word timestamps)
-
-
-@dataclass(frozen=True, slots=True)
-class DecodeResult:
-    """The engine's answer: tokens generated after the forced prefix and their bytes."""
-
-    request_id: int
-    tokens: tuple[int, ...]
-    pieces: tuple[bytes, ...]
-    looped: bool = False
-    lang: str | None = None
-    error: str | None = None
-    # Alignment (DESIGN.md section 3), in encoder frames of the window's audio:
-    peaks: tuple[int, ...] = ()  # per token of ``tokens``: its attention peak frame
-    spans: tuple[tuple[int, int], ...] = ()  # per forced + new token: (start, end) frames
-    frame_samples: int = 0  # audio samples per encoder frame
-    audio_frames: int = 0  # frames covering the window's audio
+    agreement: LocalAgreement | AlignAtt
+    committed_pieces: list[bytes] = field(default_factory=list)
+    words: tuple[Word, ...] = ()
+    shown: bool = False
 
 
 @dataclass(slots=True)
@@ -151,6 +122,7 @@ class _Segment:
     heard: int = -1  # the segmenter's last speech end when its last partial was requested
     words: tuple[Word, ...] = ()  # timed words of the committed text (latest partial)
     retried: bool = False  # its final was decoded again without the prompt
+    targets: dict[str, TargetTrack] = field(default_factory=dict)  # MultiTargetSession
 
 
 class StreamSession:
@@ -207,6 +179,12 @@ class StreamSession:
             return
         self._ended = True
         self._enforce_max_segment()
+        if self._open is not None and self._open.start >= self.buffer.end:
+            # A segment cut at exactly max_segment as the stream ended holds no audio:
+            # nothing to decode (an empty window), and it never showed anything, so it
+            # gives its number back.
+            self._open = None
+            self._next_segment -= 1
         if self._open is not None:
             self._close_open(self.buffer.end, self.buffer.end)
         self._schedule()
@@ -342,17 +320,18 @@ class StreamSession:
         seg = _Segment(
             index=self._next_segment,
             start=start,
-            agreement=(
-                AlignAtt(self.s.alignatt_frames, self.s.alignatt_agreement)
-                if self.s.policy == "alignatt"
-                else LocalAgreement(self.s.agreement_n)
-            ),
+            agreement=self._new_agreement(),
             ctx_start=ctx,
             last_decode_end=start,
             lang=self.s.lang,
         )
         self._next_segment += 1
         self._open = seg
+
+    def _new_agreement(self) -> LocalAgreement | AlignAtt:
+        if self.s.policy == "alignatt":
+            return AlignAtt(self.s.alignatt_frames, self.s.alignatt_agreement)
+        return LocalAgreement(self.s.agreement_n)
 
     def _close_open(self, end: int, window_end: int) -> None:
         seg = self._open
@@ -412,9 +391,15 @@ class StreamSession:
             else 0,
             words=self.s.word_timestamps,
         )
+        req = self._with_rows(req, seg, prompted=prompt is None)
         self._next_request += 1
         self._in_flight[req.request_id] = (req, seg)
         self._requests.append(req)
+        return req
+
+    def _with_rows(self, req: DecodeRequest, seg: _Segment, prompted: bool) -> DecodeRequest:
+        """``req`` with more rows for the same window (``MultiTargetSession``: one per
+        target); ``prompted``: the request carries the stream's history as its prompt."""
         return req
 
     def _schedule(self) -> None:
@@ -494,32 +479,44 @@ class StreamSession:
     def _apply_partial(self, seg: _Segment, req: DecodeRequest, result: DecodeResult) -> None:
         if seg is not self._open:
             return  # the segment closed meanwhile: its final supersedes this partial
+        self._stabilise(seg, seg, req, result, None)
+
+    def _stabilise(
+        self,
+        seg: _Segment,
+        track: _Segment | TargetTrack,
+        req: DecodeRequest,
+        result: DecodeResult,
+        target: str | None,
+    ) -> None:
+        """Commit what ``track``'s hypotheses agree on and emit its partial (``target``:
+        the language of a ``TargetTrack``, None for the source)."""
         if len(result.pieces) != len(result.tokens):
             raise ValueError("a result needs one byte piece per token")
-        forced = len(seg.committed_pieces)
+        forced = len(track.committed_pieces)
         boundaries = word_boundaries(list(result.pieces))
         if result.looped:
             # The decoder was cut in a loop: show what came before it, but let
             # neither this hypothesis nor the ones before it commit anything.
-            seg.agreement.forget_tails(result.tokens)
+            track.agreement.forget_tails(result.tokens)
             newly: tuple[int, ...] = ()
-        elif isinstance(seg.agreement, AlignAtt):
-            newly = seg.agreement.update(
+        elif isinstance(track.agreement, AlignAtt):
+            newly = track.agreement.update(
                 result.tokens, boundaries, result.peaks, result.audio_frames
             )
         else:
-            newly = seg.agreement.update(result.tokens, boundaries)
-        seg.committed_pieces.extend(result.pieces[: len(newly)])
-        shown = len(newly) + len(seg.agreement.tentative)
+            newly = track.agreement.update(result.tokens, boundaries)
+        track.committed_pieces.extend(result.pieces[: len(newly)])
+        shown = len(newly) + len(track.agreement.tentative)
         tentative = b"".join(held_back(result.pieces[len(newly) : shown],
                                        self.s.partial_holdback_words))  # fmt: skip
-        committed_text, tentative_text = render(b"".join(seg.committed_pieces), tentative)
+        committed_text, tentative_text = render(b"".join(track.committed_pieces), tentative)
         if result.spans:
-            seg.words = self._words(req, seg.committed_pieces, result, forced + len(newly))
+            track.words = self._words(req, track.committed_pieces, result, forced + len(newly))
         text = committed_text + tentative_text
         if not text.strip():
             return
-        seg.shown = True
+        track.shown = True
         self._events.append(
             Hypothesis(
                 kind="partial",
@@ -532,7 +529,8 @@ class StreamSession:
                 start=seg.start / self.s.sample_rate,
                 end=req.end / self.s.sample_rate,
                 lang=seg.lang,
-                words=seg.words,
+                words=track.words,
+                target=target,
             )
         )
 
@@ -552,15 +550,27 @@ class StreamSession:
     def _emit_final(self, seg: _Segment, result: DecodeResult, req: DecodeRequest) -> None:
         popped = self._closing.popleft()
         assert popped is seg
-        pieces = seg.committed_pieces + ([] if result.error else list(result.pieces))
-        tokens = list(seg.agreement.committed) + ([] if result.error else list(result.tokens))
-        words = seg.words
+        self._final_event(seg, seg, result, req, self._history, None)
+
+    def _final_event(
+        self,
+        seg: _Segment,
+        track: _Segment | TargetTrack,
+        result: DecodeResult,
+        req: DecodeRequest,
+        history: deque[int],
+        target: str | None,
+    ) -> None:
+        """``track``'s final (``target`` as in ``_stabilise``); its tokens join ``history``."""
+        pieces = track.committed_pieces + ([] if result.error else list(result.pieces))
+        tokens = list(track.agreement.committed) + ([] if result.error else list(result.tokens))
+        words = track.words
         if result.spans and not result.error:
             words = self._words(req, pieces, result, len(pieces))
         text, _ = complete_utf8(b"".join(pieces))
         text = text.strip()
-        self._history.extend(tokens)
-        if not text and not seg.shown:
+        history.extend(tokens)
+        if not text and not track.shown:
             return
         # An empty final after partials retracts them: the speech came to nothing.
         assert seg.end is not None
@@ -575,6 +585,7 @@ class StreamSession:
                 end=seg.end / self.s.sample_rate,
                 lang=seg.lang,
                 words=words,
+                target=target,
             )
         )
 

@@ -47,8 +47,13 @@ class EngineClient:
 
     @property
     def targets(self) -> tuple[str, ...]:
-        """Translation targets of the cascade (empty: no translation model loaded)."""
+        """Translation targets (empty: none): the cascade's or the speech model's own."""
         return self.engine.targets
+
+    @property
+    def speech_targets(self) -> tuple[str, ...]:
+        """Targets the speech model decodes itself (``MultiTargetSession``), no cascade."""
+        return self.engine.speech_targets
 
     def translate(self, req: TranslateRequest) -> asyncio.Future[TranslateResult]:
         """Submit a text translation; the future resolves on the loop."""

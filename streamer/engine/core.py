@@ -17,6 +17,10 @@ in a row, or any error that leaves the device unusable (a CUDA/accelerator
 error), stop the engine and are reported through ``fatal``/``on_fatal``. Other
 exceptions fail the step's windows and are logged with a traceback (a bug).
 
+Targets the speech model decodes itself (``speech_targets``: a decoder that
+picks its language by a token) are rows of the speech windows' own requests
+(``DecodeRequest.target_rows``), batched by the runner like any row.
+
 Translation (the cascade, ``[translation]``): with a ``translator``, text
 translation requests (``submit_translation``) share the thread and the
 steps: each step, after the speech windows, the :class:`TranslationWorker`
@@ -140,8 +144,12 @@ class Engine:
         compile: bool = False,
         translator: Translator | None = None,
         translate_limits: TranslateLimits | None = None,
+        speech_targets: tuple[str, ...] = (),
     ) -> None:
+        """``speech_targets``: targets the speech model decodes itself (one row each per
+        window, ``streamer.engine.targets``) instead of a ``translator``."""
         self.decoder = decoder
+        self.speech_targets = speech_targets
         self.sample_rate = decoder.m.sample_rate
         self.scheduler = Scheduler(limits)
         self.runner = BatchRunner(
@@ -217,8 +225,10 @@ class Engine:
 
     @property
     def targets(self) -> tuple[str, ...]:
-        """Translation targets of the cascade (empty without a translator)."""
-        return self.translation.translator.targets if self.translation is not None else ()
+        """Translation targets: the cascade's, or those the speech model decodes itself."""
+        if self.translation is not None:
+            return self.translation.translator.targets
+        return self.speech_targets
 
     @property
     def _idle(self) -> bool:

@@ -14,6 +14,7 @@ everywhere, begin-suppress tokens on the first generated position.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from streamer.engine.alignment import (
     token_spans,
 )
 from streamer.engine.beams import BeamSearch
-from streamer.engine.loader import LoadedModel, whisper_task
+from streamer.engine.loader import LoadedModel, decodable_targets, whisper_task
 from streamer.engine.tokens import TokenPieces
 from streamer.engine.tokens import find_loop as find_loop  # re-exported for callers
 from streamer.types import FloatArray
@@ -354,8 +355,14 @@ class Decoder:
         return out.logits[:, -1, :].float()  # type: ignore[no-any-return]
 
     def start_tokens(
-        self, prompt: tuple[int, ...], lang: str | None, task: str | None = None
+        self,
+        prompt: tuple[int, ...],
+        lang: str | None,
+        task: str | None = None,
+        target: str | None = None,
     ) -> list[int]:
+        """``target``: decode into that language (``DecodeRequest.target``; a decoder
+        that picks its language by a token only, see ``loader.decodable_targets``)."""
         m = self.m
         if m.whisper_prompt:  # Whisper, or a SED with Whisper's decoder (whisper_sed.py)
             ids: list[int] = []
@@ -375,9 +382,21 @@ class Decoder:
         if start is None:
             start = m.model.config.decoder_start_token_id
         ids = [int(start)]
-        if "lang_token" in m.extra:
+        if target is not None:
+            ids.append(self.target_token(target))
+        elif "lang_token" in m.extra:
             ids.append(int(m.extra["lang_token"]))
         return ids
+
+    def target_token(self, target: str) -> int:
+        """The decoder's language token of ``target``; ValueError if it has none."""
+        known: dict[str, int] = self.m.extra.setdefault("target_tokens", {})
+        if target not in known:  # (the vocabulary is read once per target)
+            tokens = decodable_targets(self.m, (target,))
+            if tokens is None:
+                raise ValueError(f"{self.m.name} cannot decode into {target!r} (no language token)")
+            known[target] = tokens[target]
+        return known[target]
 
     def detect_language(self, enc: EncodedWindow) -> str:
         """Whisper language identification: argmax over language tokens after sot."""
@@ -508,7 +527,7 @@ class Decoder:
             lang = req.lang
             if self.m.whisper_prompt and lang is None and self.m.lang_to_id:
                 lang = self.detect_language(enc)
-            start = self.start_tokens(req.prompt, lang, req.task)
+            start = self.start_tokens(req.prompt, lang, req.task, req.target)
             prefix = start + list(req.forced)
             if self.num_beams > 1:
                 tokens, looped = self.beam(enc, prefix, req.max_new_tokens, self.num_beams,
@@ -521,7 +540,11 @@ class Decoder:
                                              len(req.forced), kept)  # fmt: skip
                 if align is not None:
                     rows = torch.stack(kept)
-        return self.result(req, tokens, looped, lang, align, rows)
+        result = self.result(req, tokens, looped, lang, align, rows)
+        if req.target_rows:  # each alone (the reference; the batch runner shares the encoder)
+            answers = {r.target or "": self.run(r, cancelled) for r in req.target_rows}
+            result = dataclasses.replace(result, targets=answers)
+        return result
 
 
 def stops_early(align: Alignment | None, rows: list[torch.Tensor]) -> bool:

@@ -360,16 +360,38 @@ def _target_language_token(m: LoadedModel) -> None:
     """Find the decoder language token of multilingual SED/Speech2Text decoders."""
     gen = m.model.generation_config
     forced_bos = getattr(gen, "forced_bos_token_id", None)
-    lang = m.spec.target_language
+    token = language_token(m, m.spec.target_language)
+    if token is not None:
+        m.extra["lang_token"] = token
+    elif forced_bos is not None:
+        m.extra["lang_token"] = int(forced_bos)
+
+
+def language_token(m: LoadedModel, lang: str) -> int | None:
+    """The decoder's language token for ``lang`` (``<de>``, ``__de__``, ``de_DE``...), if any."""
     vocab: dict[str, int] = m.tokenizer.get_vocab()
     candidates = [f"<{lang}>", f"__{lang}__", f"<|{lang}|>", f"[{lang}]"]
     candidates += sorted(t for t in vocab if len(t) == 5 and t[2] == "_" and t.startswith(lang))
     for cand in candidates:
         if cand in vocab:
-            m.extra["lang_token"] = vocab[cand]
-            return
-    if forced_bos is not None:
-        m.extra["lang_token"] = int(forced_bos)
+            return vocab[cand]
+    return None
+
+
+def decodable_targets(m: LoadedModel, targets: tuple[str, ...]) -> dict[str, int] | None:
+    """The language token of each target when the speech model decodes them itself.
+
+    That is a decoder that picks its output language by a start token (an SED
+    such as xls-r-300m-en-to-15, whose configured ``target_language`` found
+    one), with a token for every target; None otherwise (Whisper, models with
+    one language, a target without a token): the targets need the cascade.
+    """
+    if not targets or m.whisper_prompt or "lang_token" not in m.extra:
+        return None
+    tokens = {t: language_token(m, t) for t in targets}
+    if any(token is None for token in tokens.values()):
+        return None
+    return {t: int(token) for t, token in tokens.items() if token is not None}
 
 
 # -- int8 --------------------------------------------------------------------------------

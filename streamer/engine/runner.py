@@ -47,6 +47,7 @@ from streamer.engine.beams import BeamSearch
 from streamer.engine.decoding import Decoder, EncodedWindow, find_loop, project, stops_early
 from streamer.engine.scheduler import Job
 from streamer.engine.static_decode import StaticDecoder, make_static
+from streamer.engine.targets import TargetRows
 from streamer.engine.whisper_sed import DECODER_MODEL_TYPE
 
 __all__ = ["POSITION_AWARE_DECODERS", "BatchRunner"]
@@ -167,6 +168,7 @@ class BatchRunner:
         self.beams = decoder.num_beams
         self._searches: dict[int, BeamSearch] = {}  # by id(job), beam search only
         self.groups: list[_Group] = []
+        self.target_rows = TargetRows(decoder)  # requests decoded into several languages
         self._pad_id = int(self.m.eos_token_id)
         # Whisper's decoder (also as an SED's decoder) runs through _whisper_decoder;
         # other SED decoders compute the logits of the last position only, where they can.
@@ -203,12 +205,13 @@ class BatchRunner:
         for bucket_jobs in buckets.values():
             windows = self.d.encode_batch([j.req.audio for j in bucket_jobs])
             encoded += zip(bucket_jobs, windows, strict=True)
+        encoded = self.target_rows.expand(encoded)  # target rows share their window's pass
         prefixes: list[tuple[Job, EncodedWindow, list[int]]] = []
         for job, enc in encoded:
             job.lang = job.req.lang
             if self.m.whisper_prompt and job.lang is None and self.m.lang_to_id:
                 job.lang = self.d.detect_language(enc)
-            job.start = self.d.start_tokens(job.req.prompt, job.lang, job.req.task)
+            job.start = self.d.start_tokens(job.req.prompt, job.lang, job.req.task, job.req.target)
             job.align = self.d.alignment(job.req)
             prefix = job.start + list(job.req.forced)
             job.prefix_len = len(prefix)
@@ -228,7 +231,7 @@ class BatchRunner:
             done += self._advance(group, logits, first=True)
             if group.jobs:
                 self._merge(group)
-        return done
+        return self.target_rows.gather(done)
 
     def _prefill(
         self, batch: list[tuple[Job, EncodedWindow, list[int]]]
@@ -325,11 +328,11 @@ class BatchRunner:
             chosen, keep, finished = self._choose(jobs, logits, first=False)
             self.static.advance(chosen, keep)
             done += finished
-        return done
+        return self.target_rows.gather(done)
 
     def drop(self, jobs: Iterable[Job]) -> None:
         """Remove rows (cancelled, or failed with their step)."""
-        jobs = list(jobs)
+        jobs = self.target_rows.with_children(jobs)
         gone = {id(j) for j in jobs}
         for key in gone:
             self._searches.pop(key, None)
@@ -348,7 +351,7 @@ class BatchRunner:
         self._searches.clear()
         if self.static is not None:
             jobs += self.static.clear()
-        return jobs
+        return self.target_rows.clear(jobs)
 
     def _advance(
         self, group: _Group, logits: torch.Tensor, first: bool

@@ -81,8 +81,9 @@ class Job:
 
     @property
     def prefix_estimate(self) -> int:
-        """Prefix tokens before the start tokens are known (prompt + forced + a few)."""
-        return len(self.req.prompt) + len(self.req.forced) + 4
+        """Prefix tokens before the start tokens are known (prompt + forced + a few),
+        over the request's target rows too (each is prefilled)."""
+        return sum(len(r.prompt) + len(r.forced) + 4 for r in (self.req, *self.req.target_rows))
 
 
 @dataclass(frozen=True, slots=True)

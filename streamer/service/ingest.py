@@ -71,7 +71,7 @@ from streamer.sinks.targets import SOURCE_ONLY, TargetSelection
 from streamer.sinks.websocket import CaptionServer, close_with_error
 
 if TYPE_CHECKING:  # app.py imports this module
-    from streamer.service.app import StreamFactory
+    from streamer.service.stream_factory import StreamFactory
 
 __all__ = [
     "PIECE_S",

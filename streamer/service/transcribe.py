@@ -23,8 +23,9 @@ from typing import TextIO
 from streamer.audio.resample import probe_audio
 from streamer.audio.sources import FileSource
 from streamer.config import Config, split_items
-from streamer.service.app import StreamFactory, start_engine
+from streamer.service.engine_setup import start_engine
 from streamer.service.output_file import output_file
+from streamer.service.stream_factory import StreamFactory
 from streamer.sinks.subtitles import write_srt, write_vtt
 from streamer.types import Hypothesis
 

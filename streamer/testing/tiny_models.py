@@ -126,7 +126,7 @@ class _Ids:
 
 
 # Widths and depths shared by the tiny MBart, Whisper and Speech2Text configs.
-_TINY_SEQ2SEQ = {
+TINY_SEQ2SEQ = {
     "d_model": 32,
     "encoder_layers": 2,
     "decoder_layers": 2,
@@ -215,11 +215,18 @@ def _whisper_tokenizer() -> WhisperTokenizer:
     )
 
 
-def _bert_tokenizer(vocab_size: int | None = None) -> BertTokenizer:
-    """WordPiece over letters, ``##``-pieces and ``_WORDS``; padded with unused slots."""
+def _bert_tokenizer(
+    vocab_size: int | None = None, languages: tuple[str, ...] = ()
+) -> BertTokenizer:
+    """WordPiece over letters, ``##``-pieces and ``_WORDS``; padded with unused slots.
+
+    ``languages``: a ``[xx]`` token each, the form of decoder language token the
+    loader looks for (``loader.language_token``).
+    """
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tokens += [*_PUNCT, *_DIGITS, *_LETTERS, *_ACCENTED, *_WORDS]
     tokens += [f"##{c}" for c in _DIGITS + _LETTERS + _ACCENTED]
+    tokens += [f"[{lang}]" for lang in languages]
     if vocab_size is not None:
         tokens += [f"[unused{i}]" for i in range(vocab_size - len(tokens))]
     vocab = {token: i for i, token in enumerate(tokens)}
@@ -469,7 +476,7 @@ def build_sed_mbart(*, seed: int = 0, **size_overrides: Any) -> TinyCheckpoint:
     ids = _ids(tokenizer, pad="<pad>", bos="<s>", eos="</s>", start="</s>")
     decoder = {
         "vocab_size": len(tokenizer),
-        **_TINY_SEQ2SEQ,
+        **TINY_SEQ2SEQ,
         "max_position_embeddings": 256,
         "scale_embedding": True,
         **ids.config_fields(),
@@ -502,7 +509,7 @@ def build_whisper(*, seed: int = 0, **size_overrides: Any) -> TinyCheckpoint:
     defaults = {
         "vocab_size": len(tokenizer),
         "num_mel_bins": 80,
-        **_TINY_SEQ2SEQ,
+        **TINY_SEQ2SEQ,
         "max_source_positions": 1500,
         "max_target_positions": 448,
         **ids.config_fields(),
@@ -540,7 +547,7 @@ def build_speech2text(*, seed: int = 0, **size_overrides: Any) -> TinyCheckpoint
     ids = _ids(tokenizer, pad="<pad>", bos="<s>", eos="</s>", start="</s>")
     defaults = {
         "vocab_size": len(tokenizer),
-        **_TINY_SEQ2SEQ,
+        **TINY_SEQ2SEQ,
         "max_source_positions": 6000,
         "max_target_positions": 256,
         "num_conv_layers": 2,
@@ -610,13 +617,18 @@ def sed_base_config(vocab_size: int = _BASE_VOCAB) -> SpeechEncoderDecoderConfig
     return config
 
 
-def make_sed_base_random(path: Path, *, seed: int = 0, vocab_size: int = _BASE_VOCAB) -> Path:
+def make_sed_base_random(
+    path: Path, *, seed: int = 0, vocab_size: int = _BASE_VOCAB, languages: tuple[str, ...] = ()
+) -> Path:
     """A base-size random SED for benchmarks (≈ 1 GB on disk, ≈ 12 s to build; not for tests).
 
     The tokenizer is the tiny WordPiece one padded with ``[unusedN]`` tokens to
-    ``vocab_size``, so every id the model emits decodes.
+    ``vocab_size``, so every id the model emits decodes. ``languages``: decoder
+    language tokens ``[en]``, ``[de]``... (the decoder then picks its target by
+    its second start token, like xls-r-300m-en-to-15's mBART: random weights,
+    the same cost).
     """
-    tokenizer = _bert_tokenizer(vocab_size)
+    tokenizer = _bert_tokenizer(vocab_size, languages)
     ids = _ids(tokenizer, pad="[PAD]", bos="[CLS]", eos="[SEP]", start="[CLS]")
     return _sed(sed_base_config(vocab_size), tokenizer, ids, seed).save(path)
 

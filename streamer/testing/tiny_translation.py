@@ -47,6 +47,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from streamer.testing.tiny_models import TINY_SEQ2SEQ
+
 __all__ = ["TRANSLATION_FAMILIES", "make_m2m100", "make_marian", "make_mbart50", "make_nllb"]
 
 _CORPUS = (
@@ -61,13 +63,7 @@ _CHARS = "abcdefghijklmnopqrstuvwxyzéèêàâçùûîïôöüäß0123456789.,?!
 
 #: Sizes shared by every tiny translation model.
 _TINY = {
-    "d_model": 32,
-    "encoder_layers": 2,
-    "decoder_layers": 2,
-    "encoder_attention_heads": 2,
-    "decoder_attention_heads": 2,
-    "encoder_ffn_dim": 64,
-    "decoder_ffn_dim": 64,
+    **TINY_SEQ2SEQ,
     "max_position_embeddings": 128,
     "init_std": 0.1,  # as tiny_models: varied argmax that depends on the input
     "forced_eos_token_id": None,
@@ -177,6 +173,20 @@ def make_marian(
     return _save(path, model, tokenizer)
 
 
+def _forced_bos_config(
+    cls: Any, tokenizer: PreTrainedTokenizerBase, ids: dict[str, int], fields: dict[str, Any]
+) -> Any:
+    """The config of a model whose decoder starts at ``</s>``, then a forced language token."""
+    return cls(
+        vocab_size=_vocab_size(tokenizer),
+        pad_token_id=ids["pad"],
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+        decoder_start_token_id=ids["eos"],
+        **fields,
+    )
+
+
 def make_m2m100(path: Path, *, seed: int = 0, **overrides: Any) -> Path:
     """An M2M100 checkpoint (``__xx__`` language tokens, target by forced BOS)."""
     from transformers import M2M100Tokenizer
@@ -200,14 +210,7 @@ def _m2m100_model(
     # Unscaled embeddings: with scale_embedding the sinusoidal positions drown the
     # tiny model's input and every source decodes alike (measured at d_model 32).
     fields = {**_TINY, "scale_embedding": False, **overrides}
-    config = M2M100Config(
-        vocab_size=_vocab_size(tokenizer),
-        pad_token_id=ids["pad"],
-        bos_token_id=ids["bos"],
-        eos_token_id=ids["eos"],
-        decoder_start_token_id=ids["eos"],
-        **fields,
-    )
+    config = _forced_bos_config(M2M100Config, tokenizer, ids, fields)
     model = _build(lambda: M2M100ForConditionalGeneration(config), seed, ids["eos"])
     return _save(path, model, tokenizer)
 
@@ -236,14 +239,7 @@ def make_mbart50(path: Path, *, seed: int = 0, **overrides: Any) -> Path:
     names = (("pad", "<pad>"), ("bos", "<s>"), ("eos", "</s>"))
     ids = {name: _token_id(tokenizer, tok) for name, tok in names}
     fields = {**_TINY, **overrides}
-    config = MBartConfig(
-        vocab_size=_vocab_size(tokenizer),
-        pad_token_id=ids["pad"],
-        bos_token_id=ids["bos"],
-        eos_token_id=ids["eos"],
-        decoder_start_token_id=ids["eos"],
-        **fields,
-    )
+    config = _forced_bos_config(MBartConfig, tokenizer, ids, fields)
     model = _build(lambda: MBartForConditionalGeneration(config), seed, ids["eos"])
     return _save(path, model, tokenizer)
 

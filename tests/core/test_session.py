@@ -470,3 +470,15 @@ def test_no_partial_for_a_pause_without_new_speech():
     assert len(reqs_on) < len(reqs_off)
     words = [f"w{b}" for b in range(24) if not 10 <= b < 14]
     assert finals_on == finals_off == [" ".join(words)]
+
+
+def test_a_stream_ending_on_a_max_segment_cut_asks_no_empty_window():
+    """Without VAD a segment is cut at max_segment; ending exactly there leaves an open
+    segment with no audio, which must not become a decode (encoders reject empty input)."""
+    s = StreamSession("a", settings_(vad=False, max_segment=2 * SR))
+    events, requests = drive(s, speech(4), block=160)
+    finals = [r for r in requests if r.kind == "final"]
+    assert [(r.start, r.end) for r in finals] == [(0, 2 * SR), (2 * SR, 4 * SR)]
+    assert all(len(r.audio) for r in requests)
+    assert [e.segment for e in events if e.kind == "final"] == [0, 1]
+    assert s.done and s.next_segment == 2

@@ -335,7 +335,7 @@ def test_config_key_turns_the_static_step_on(
 ) -> None:
     """``[engine] compile`` reaches the runner the daemon starts."""
     from streamer.config import Config, EngineConfig, ModelConfig
-    from streamer.service.app import start_engine
+    from streamer.service.engine_setup import start_engine
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     model = ModelConfig(id=str(tiny_whisper), device="cpu", source_language="en")

@@ -37,7 +37,8 @@ from streamer.engine.core import Engine
 from streamer.engine.decoding import Decoder
 from streamer.engine.loader import ModelSpec, load_model
 from streamer.errors import ModelLoadError
-from streamer.service.app import StreamFactory, model_spec
+from streamer.service.engine_setup import model_spec
+from streamer.service.stream_factory import StreamFactory
 from streamer.testing.tiny_models import make_whisper
 
 AUDIO = "tests/data/audio"

@@ -20,13 +20,13 @@ import pytest
 from streamer.config import Config, VadConfig
 from streamer.errors import EX_CONFIG, ConfigError
 from streamer.service import seq_store
-from streamer.service.app import StreamFactory
 from streamer.service.seq_store import (
     STATE_FILE,
     SeqReservations,
     SeqStoreError,
     resolve_state_dir,
 )
+from streamer.service.stream_factory import StreamFactory
 from streamer.types import Hypothesis
 
 NOW_US = 1_750_000_000_000_000  # a fixed "time in microseconds" for corrupt-file jumps

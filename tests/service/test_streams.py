@@ -23,7 +23,9 @@ from streamer.engine.client import EngineClient
 from streamer.engine.core import Engine
 from streamer.engine.decoding import Decoder, find_loop
 from streamer.engine.loader import ModelSpec, load_model
-from streamer.service.app import App, StreamFactory, model_spec
+from streamer.service.app import App
+from streamer.service.engine_setup import model_spec
+from streamer.service.stream_factory import StreamFactory
 from streamer.testing.tiny_models import FAMILIES
 
 CLIP = "tests/data/audio/fleurs-en-004.ogg"

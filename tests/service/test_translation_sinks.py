@@ -27,8 +27,8 @@ from streamer.testing.tiny_translation import make_mbart50
 from streamer.types import Hypothesis
 
 from ..sinks.test_mqtt import Recorder
-from .test_ingest import subscribed, ws_url
-from .test_translation_daemon import stream, translating
+from .test_ingest import stream_clip, subscribed, ws_url
+from .test_translation_daemon import translating
 from .test_wyoming import AUDIO, read_until, send_request, streams_ended, wyoming_client
 from .test_wyoming import pcm as wyoming_pcm
 
@@ -90,7 +90,7 @@ async def test_each_target_reaches_its_sinks_and_only_those(
             connect(url + "?targets=source,fr&kinds=final") as source_fr,
         ):
             await subscribed(app, base + 3)
-            own = await stream(app, "alice")  # the /v1/stream client gets every language
+            own = await stream_clip(app, "alice")  # the /v1/stream client gets every language
             want = finals_by_language(own)
             assert set(want) == {None, *TARGETS}, want.keys()
             for target in (None, *TARGETS):

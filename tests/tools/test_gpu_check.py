@@ -77,6 +77,11 @@ def test_quick_run_still_sweeps_when_a_gpu_test_fails(tmp_path: Path) -> None:
     for column in ("final p50/p95 s", "partial p50/p95 s", "compute/stream-s", "GPU peak MiB"):
         assert column in header
     assert summary["table"].splitlines()[0] == header
+    # the targets rows (tools/translate_benchmark.py, run before the sweep), under the table
+    assert "targets: exit 0" in text and summary["targets"]["quick"] is True
+    targets = summary["table"].split("\n\n")[1]
+    assert targets.startswith("targets (") and targets in proc.stdout
+    assert sum(ln.startswith(("cascade ", "sed ")) for ln in targets.splitlines()) == 8
 
 
 def test_a_cpu_only_torch_is_named_and_nothing_runs(tmp_path: Path) -> None:
