@@ -40,9 +40,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from streamer.core.session import DecodeResult
+from streamer.engine.batch_cache import growing_cache, pad_time
 from streamer.engine.beams import BeamSearch
 from streamer.engine.decoding import Decoder, EncodedWindow, find_loop, project, stops_early
 from streamer.engine.scheduler import Job
@@ -73,70 +74,6 @@ class _Group:
     @property
     def length(self) -> int:
         return int(self.mask.shape[1])
-
-
-#: Spare columns a self-attention cache buffer grows by (see _GrowingLayer).
-_GROW = 64
-
-
-class _GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
-    """Self-attention K/V as views of buffers with spare columns.
-
-    ``DynamicLayer.update`` concatenates, copying the whole cache every step
-    (rows x heads x length x head size per layer, K and V); here a step writes
-    its column into the buffer, which grows by ``_GROW`` columns when full.
-    Whoever replaces ``keys``/``values`` (row selection, cutting left padding)
-    gets a fresh buffer at the next update. Attention reads the same numbers.
-    """
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        keys, values = self.keys, self.values
-        assert keys is not None and values is not None
-        n = int(keys.shape[-2]) if keys.numel() else 0
-        end = n + int(key_states.shape[-2])
-        kbuf: torch.Tensor | None = getattr(self, "_kbuf", None)
-        vbuf: torch.Tensor | None = getattr(self, "_vbuf", None)
-        if (
-            kbuf is None
-            or vbuf is None
-            or keys is not getattr(self, "_kview", None)
-            or values is not getattr(self, "_vview", None)
-            or kbuf.shape[2] < end
-        ):
-            shape = (*key_states.shape[:2], end + _GROW, key_states.shape[3])
-            kbuf, vbuf = key_states.new_empty(shape), value_states.new_empty(shape)
-            if n:
-                kbuf[:, :, :n] = keys
-                vbuf[:, :, :n] = values
-            self._kbuf, self._vbuf = kbuf, vbuf
-        kbuf[:, :, n:end] = key_states
-        vbuf[:, :, n:end] = value_states
-        keys = self.keys = self._kview = kbuf[:, :, :end]
-        values = self.values = self._vview = vbuf[:, :, :end]
-        return keys, values
-
-
-def _self_cache(kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
-    """A ``DynamicCache`` of growing layers, optionally holding ``kv`` per layer."""
-    cache = DynamicCache()
-    cache.layer_class_to_replicate = _GrowingLayer
-    for keys, values in kv or []:
-        layer = _GrowingLayer()  # type: ignore[no-untyped-call]
-        layer.update(keys, values)
-        cache.layers.append(layer)
-    return cache
-
-
-def _pad_time(x: torch.Tensor, dim: int, size: int, left: bool, value: float = 0) -> torch.Tensor:
-    missing = size - x.shape[dim]
-    if missing <= 0:
-        return x
-    pad = [0, 0] * (x.dim() - dim - 1) + ([missing, 0] if left else [0, missing])
-    return torch.nn.functional.pad(x, pad, value=value)
 
 
 class BatchRunner:
@@ -260,7 +197,7 @@ class BatchRunner:
         return group, logits
 
     def _new_cache(self) -> EncoderDecoderCache:
-        return EncoderDecoderCache(_self_cache(), DynamicCache())
+        return EncoderDecoderCache(growing_cache(), DynamicCache())
 
     def _expand(self, group: _Group, logits: torch.Tensor) -> torch.Tensor:
         """Beam search: k identical rows per window (its search starts from the first)."""
@@ -277,7 +214,7 @@ class BatchRunner:
 
     def _stack_encoder(self, encs: list[EncodedWindow]) -> tuple[torch.Tensor, torch.Tensor]:
         frames = max(e.hidden.shape[1] for e in encs)
-        hidden = torch.cat([_pad_time(e.hidden, 1, frames, left=False) for e in encs])
+        hidden = torch.cat([pad_time(e.hidden, 1, frames, left=False) for e in encs])
         masks = []
         for e in encs:
             row = (
@@ -285,7 +222,7 @@ class BatchRunner:
                 if e.mask is not None
                 else torch.ones((1, e.hidden.shape[1]), dtype=torch.bool, device=hidden.device)
             )
-            masks.append(_pad_time(row, 1, frames, left=False, value=False))
+            masks.append(pad_time(row, 1, frames, left=False, value=False))
         return hidden, torch.cat(masks)
 
     def _merge(self, new: _Group) -> None:
@@ -597,37 +534,35 @@ def _concat(a: _Group, b: _Group) -> _Group:
     ):
         self_kv.append(
             (
+                torch.cat([pad_time(la.keys, 2, length, True), pad_time(lb.keys, 2, length, True)]),
                 torch.cat(
-                    [_pad_time(la.keys, 2, length, True), _pad_time(lb.keys, 2, length, True)]
-                ),
-                torch.cat(
-                    [_pad_time(la.values, 2, length, True), _pad_time(lb.values, 2, length, True)]
+                    [pad_time(la.values, 2, length, True), pad_time(lb.values, 2, length, True)]
                 ),
             )
         )
         cross_kv.append(
             (
                 torch.cat(
-                    [_pad_time(ca.keys, 2, frames, False), _pad_time(cb.keys, 2, frames, False)]
+                    [pad_time(ca.keys, 2, frames, False), pad_time(cb.keys, 2, frames, False)]
                 ),
                 torch.cat(
-                    [_pad_time(ca.values, 2, frames, False), _pad_time(cb.values, 2, frames, False)]
+                    [pad_time(ca.values, 2, frames, False), pad_time(cb.values, 2, frames, False)]
                 ),
             )
         )
-    cache = EncoderDecoderCache(_self_cache(self_kv), DynamicCache(cross_kv))
+    cache = EncoderDecoderCache(growing_cache(self_kv), DynamicCache(cross_kv))
     for i in range(len(cross_kv)):
         cache.is_updated[i] = True
     return _Group(
         jobs=a.jobs + b.jobs,
         cache=cache,
-        mask=torch.cat([_pad_time(a.mask, 1, length, True), _pad_time(b.mask, 1, length, True)]),
+        mask=torch.cat([pad_time(a.mask, 1, length, True), pad_time(b.mask, 1, length, True)]),
         positions=torch.cat([a.positions, b.positions]),
-        enc=torch.cat([_pad_time(a.enc, 1, frames, False), _pad_time(b.enc, 1, frames, False)]),
+        enc=torch.cat([pad_time(a.enc, 1, frames, False), pad_time(b.enc, 1, frames, False)]),
         enc_mask=torch.cat(
             [
-                _pad_time(a.enc_mask, 1, frames, False, value=False),
-                _pad_time(b.enc_mask, 1, frames, False, value=False),
+                pad_time(a.enc_mask, 1, frames, False, value=False),
+                pad_time(b.enc_mask, 1, frames, False, value=False),
             ]
         ),
         last=torch.cat([a.last, b.last]),

@@ -35,6 +35,7 @@ import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from streamer.core.translation import TranslateRequest, TranslateResult
+from streamer.engine.batch_cache import pad_time
 from streamer.engine.translation import TargetPlan, TextModel, Translator
 
 __all__ = ["TranslateCallback", "TranslateLimits", "TranslationWorker"]
@@ -286,13 +287,6 @@ def _select(group: _Group, keep: list[int]) -> None:
     group.last = group.last[index]
 
 
-def _pad(x: torch.Tensor, dim: int, size: int, value: float = 0) -> torch.Tensor:
-    missing = size - x.shape[dim]
-    if missing <= 0:
-        return x
-    return torch.nn.functional.pad(x, [0, 0] * (x.dim() - dim - 1) + [0, missing], value=value)
-
-
 def _concat(a: _Group, b: _Group) -> _Group:
     """One group of both groups' rows (equal decoder lengths; sources padded, masked)."""
     frames = max(a.enc.shape[1], b.enc.shape[1])
@@ -304,8 +298,8 @@ def _concat(a: _Group, b: _Group) -> _Group:
     ]
     cross_kv = [
         (
-            torch.cat([_pad(x.keys, 2, frames), _pad(y.keys, 2, frames)]),
-            torch.cat([_pad(x.values, 2, frames), _pad(y.values, 2, frames)]),
+            torch.cat([pad_time(x.keys, 2, frames), pad_time(y.keys, 2, frames)]),
+            torch.cat([pad_time(x.values, 2, frames), pad_time(y.values, 2, frames)]),
         )
         for x, y in zip(
             a.cache.cross_attention_cache.layers, b.cache.cross_attention_cache.layers, strict=True
@@ -318,9 +312,12 @@ def _concat(a: _Group, b: _Group) -> _Group:
         model=a.model,
         rows=a.rows + b.rows,
         cache=cache,
-        enc=torch.cat([_pad(a.enc, 1, frames), _pad(b.enc, 1, frames)]),
+        enc=torch.cat([pad_time(a.enc, 1, frames), pad_time(b.enc, 1, frames)]),
         enc_mask=torch.cat(
-            [_pad(a.enc_mask, 1, frames, False), _pad(b.enc_mask, 1, frames, False)]
+            [
+                pad_time(a.enc_mask, 1, frames, value=False),
+                pad_time(b.enc_mask, 1, frames, value=False),
+            ]
         ),
         last=torch.cat([a.last, b.last]),
         length=a.length,
