@@ -36,6 +36,7 @@ from streamer.errors import ConfigError
 from streamer.testing.tiny_models import FAMILIES, make_whisper
 
 from ..conftest import REPO_ROOT
+from .test_static_decode import requests as static_requests
 
 AUDIO = REPO_ROOT / "tests" / "data" / "audio" / "fleurs-en-004.ogg"
 PRECISIONS = ("int8", "bfloat16")
@@ -70,24 +71,10 @@ def load(path: Path, dtype: str) -> Decoder:
 
 
 def requests(decoder: Decoder, clip: np.ndarray) -> list[DecodeRequest]:
-    """Windows of different lengths, prompts and forced prefixes, like real streams send."""
-    rng = np.random.default_rng(3)
-    vocab = [t for t in range(40, 120) if t != decoder.m.eos_token_id]
-    out = []
-    for i, (sec, n) in enumerate(
-        zip([0.7, 2.3, 1.0, 3.9, 1.6, 2.9], [9, 30, 6, 24, 14, 40], strict=True)
-    ):
-        start = int(rng.integers(0, len(clip) - int(sec * 16000)))
-        audio = clip[start : start + int(sec * 16000)]
-        forced = tuple(int(t) for t in rng.choice(vocab, size=(i * 5) % 9))
-        prompt = tuple(int(t) for t in rng.choice(vocab, size=(i * 3) % 7))
-        lang = None if i % 3 == 0 else "fr"
-        out.append(
-            DecodeRequest(
-                f"s{i}", i, "partial", 0, audio, 0, len(audio), prompt, forced, n, lang=lang
-            )
-        )
-    return out
+    """Windows of different lengths, prompts and forced prefixes (the static tests' set)."""
+    return static_requests(
+        decoder, clip, [0.7, 2.3, 1.0, 3.9, 1.6, 2.9], [9, 30, 6, 24, 14, 40], seed=3
+    )
 
 
 def assert_same_tokens(

@@ -64,10 +64,10 @@ def whisper(tiny_whisper: Path) -> Decoder:
 
 
 def requests(
-    decoder: Decoder, clip: np.ndarray, seconds: list[float], lengths: list[int]
+    decoder: Decoder, clip: np.ndarray, seconds: list[float], lengths: list[int], seed: int = 1
 ) -> list[DecodeRequest]:
     """Windows of different lengths, prompts and forced prefixes, like real streams send."""
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     vocab = [t for t in range(40, 120) if t != decoder.m.eos_token_id]
     out = []
     for i, (sec, n) in enumerate(zip(seconds, lengths, strict=True)):
