@@ -33,6 +33,13 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def attends_late(peak: int, audio_frames: int, frames: int) -> bool:
+    """AlignAtt's rule: a token whose attention peak lies in the last ``frames`` of the
+    ``audio_frames`` received so far (or after them) waits for more audio. The engine
+    stops a partial decode there, the session commits what came before."""
+    return peak >= audio_frames - frames
+
+
 class _Votes:
     """Committed tokens and the hypotheses still voting on what comes next."""
 
@@ -126,7 +133,7 @@ class AlignAtt(_Votes):
     def stop_index(self, peaks: Sequence[int], audio_frames: int) -> int:
         """Index of the first token attending to the last ``frames`` frames (else the end)."""
         for i, peak in enumerate(peaks):
-            if peak >= audio_frames - self.frames:
+            if attends_late(peak, audio_frames, self.frames):
                 return i
         return len(peaks)
 

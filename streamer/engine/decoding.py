@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from streamer.core.session import DecodeRequest, DecodeResult
+from streamer.core.stabilizer import attends_late
 from streamer.engine.alignment import (
     AttentionProbe,
     cross_queries,
@@ -551,5 +552,5 @@ def stops_early(align: Alignment | None, rows: list[torch.Tensor]) -> bool:
     """AlignAtt: the newest token's attention peak lies in the last ``stop_frames`` frames."""
     if align is None or not align.stop_frames or not rows:
         return False
-    peak = int(rows[-1].mean(dim=0).argmax())
-    return peak >= align.audio_frames - align.stop_frames
+    (peak,) = peak_frames(rows[-1][None])
+    return attends_late(peak, align.audio_frames, align.stop_frames)
